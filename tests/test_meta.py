@@ -1,0 +1,305 @@
+"""Tests of fgnet_jax.meta: every method against float64 references.
+
+References are written independently of the library: central finite differences of the
+outer loss through the inner update, the explicit product of (I - lr H_k) with H_k from
+``jax.hessian``, ``jax.grad`` through a hand-written update, and one device vs four.
+"""
+
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from fgnet_jax.meta import METHODS, inner_adapt, meta_value_and_grad
+
+EXACT_METHODS = ("exact", "hvp_vjp", "hvp_jvp")
+NUM_DEVICES = 4
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+class TinyBatchNormNet(nn.Module):
+    """Dense -> BatchNorm (training mode, optionally synchronised) -> tanh -> Dense."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, param_dtype=jnp.float64)(x)
+        x = nn.BatchNorm(use_running_average=False, momentum=0.9, axis_name=self.axis_name, param_dtype=jnp.float64)(x)
+        return nn.Dense(3, param_dtype=jnp.float64)(jnp.tanh(x))
+
+
+def make_problem(seed=0, per_batch=8, axis_name=None):
+    """A BatchNorm model, its loss (aux = updated batch statistics) and two batches."""
+    model = TinyBatchNormNet(axis_name=axis_name)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    x_inner = jax.random.normal(keys[0], (per_batch, 4), jnp.float64)
+    x_outer = jax.random.normal(keys[1], (per_batch, 4), jnp.float64) + 0.5
+    y_inner = jax.random.randint(keys[2], (per_batch,), 0, 3)
+    y_outer = jax.random.randint(keys[3], (per_batch,), 0, 3)
+    variables = TinyBatchNormNet().init(keys[4], x_inner)
+    batch_stats = variables["batch_stats"]
+
+    def loss_with_stats(params, batch):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats}, batch["x"], mutable=["batch_stats"]
+        )
+        log_probs = jax.nn.log_softmax(logits)
+        loss = -jnp.mean(jnp.take_along_axis(log_probs, batch["y"][:, None], axis=1))
+        return loss, updates["batch_stats"]
+
+    return (
+        loss_with_stats,
+        variables["params"],
+        {"x": x_inner, "y": y_inner},
+        {"x": x_outer, "y": y_outer},
+    )
+
+
+def scalar(loss_with_aux):
+    return lambda params, batch: loss_with_aux(params, batch)[0]
+
+
+def relative_error(actual, expected):
+    actual_flat, _ = ravel_pytree(actual)
+    expected_flat, _ = ravel_pytree(expected)
+    return float(jnp.linalg.norm(actual_flat - expected_flat) / jnp.linalg.norm(expected_flat))
+
+
+def adapted_outer_loss(loss_fn, inner_batch, outer_batch, lr, steps):
+    """theta -> L(theta_K; T_j), the update written out by hand (no library code)."""
+
+    def f(theta):
+        for _ in range(steps):
+            g = jax.grad(loss_fn)(theta, inner_batch)
+            theta = jax.tree_util.tree_map(lambda p, gi: p - lr * gi, theta, g)
+        return loss_fn(theta, outer_batch)
+
+    return f
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2, 3])
+def test_exact_methods_agree_to_round_off(inner_steps):
+    loss_fn, params, inner, outer = make_problem()
+    results = {
+        method: meta_value_and_grad(
+            loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=inner_steps, has_aux=True
+        )
+        for method in EXACT_METHODS
+    }
+    (reference_loss, reference_stats), reference_grads = results["exact"]
+    for method in ("hvp_vjp", "hvp_jvp"):
+        (loss, stats), grads = results[method]
+        assert relative_error(grads, reference_grads) <= 1e-10, method
+        np.testing.assert_allclose(loss, reference_loss, rtol=1e-12)
+        assert relative_error(stats, reference_stats) <= 1e-12
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_exact_methods_match_central_finite_differences(inner_steps):
+    loss_with_aux, params, inner, outer = make_problem(seed=1)
+    loss_fn = scalar(loss_with_aux)
+    lr = 0.3
+    flat_params, unravel = ravel_pytree(params)
+    objective = adapted_outer_loss(loss_fn, inner, outer, lr, inner_steps)
+    step = 1e-5
+
+    @jax.jit
+    def central_difference(direction):
+        plus = objective(unravel(flat_params + step * direction))
+        minus = objective(unravel(flat_params - step * direction))
+        return (plus - minus) / (2 * step)
+
+    finite_difference_grad = jax.vmap(central_difference)(jnp.eye(flat_params.size))
+    for method in EXACT_METHODS:
+        _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=lr, method=method, inner_steps=inner_steps)
+        assert relative_error(ravel_pytree(grads)[0], finite_difference_grad) <= 1e-6, method
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_exact_methods_match_explicit_hessian_formula(inner_steps):
+    """grad = (I - lr H_0)(I - lr H_1)...(I - lr H_{K-1}) G with dense Hessians."""
+    loss_with_aux, params, inner, outer = make_problem(seed=2)
+    loss_fn = scalar(loss_with_aux)
+    lr = 0.3
+    flat_params, unravel = ravel_pytree(params)
+    flat_inner_loss = lambda theta: loss_fn(unravel(theta), inner)
+    flat_outer_loss = lambda theta: loss_fn(unravel(theta), outer)
+
+    iterates = [flat_params]
+    for _ in range(inner_steps):
+        iterates.append(iterates[-1] - lr * jax.grad(flat_inner_loss)(iterates[-1]))
+    identity = jnp.eye(flat_params.size)
+    explicit = jax.grad(flat_outer_loss)(iterates[-1])
+    for theta_k in reversed(iterates[:-1]):
+        explicit = (identity - lr * jax.hessian(flat_inner_loss)(theta_k)) @ explicit
+
+    for method in EXACT_METHODS:
+        _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=lr, method=method, inner_steps=inner_steps)
+        assert relative_error(ravel_pytree(grads)[0], explicit) <= 1e-10, method
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+def test_first_order_is_outer_gradient_at_adapted_params(inner_steps):
+    loss_with_aux, params, inner, outer = make_problem(seed=3)
+    loss_fn = scalar(loss_with_aux)
+    lr = 0.5
+    theta = params
+    for _ in range(inner_steps):
+        theta = jax.tree_util.tree_map(lambda p, g: p - lr * g, theta, jax.grad(loss_fn)(theta, inner))
+    expected_loss, expected_grad = jax.value_and_grad(loss_fn)(theta, outer)
+
+    loss, first_order = meta_value_and_grad(
+        loss_fn, params, inner, outer, inner_lr=lr, method="first_order", inner_steps=inner_steps
+    )
+    _, exact = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=lr, method="exact", inner_steps=inner_steps)
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+    assert relative_error(first_order, expected_grad) <= 1e-12
+    # The dropped second-order term is not negligible at this step size.
+    assert relative_error(first_order, exact) > 1e-2
+
+
+def test_inner_adapt_matches_hand_written_update():
+    loss_with_aux, params, inner, _ = make_problem(seed=4)
+    loss_fn = scalar(loss_with_aux)
+    expected = params
+    for _ in range(3):
+        expected = jax.tree_util.tree_map(lambda p, g: p - 0.2 * g, expected, jax.grad(loss_fn)(expected, inner))
+    adapted = inner_adapt(loss_with_aux, params, inner, inner_lr=0.2, inner_steps=3, has_aux=True)
+    assert relative_error(adapted, expected) <= 1e-13
+
+
+def test_has_aux_returns_outer_step_aux():
+    loss_fn, params, inner, outer = make_problem(seed=5)
+    adapted = inner_adapt(loss_fn, params, inner, inner_lr=0.3, inner_steps=2, has_aux=True)
+    expected_loss, expected_stats = loss_fn(adapted, outer)
+    for method in METHODS:
+        (loss, stats), _ = meta_value_and_grad(
+            loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2, has_aux=True
+        )
+        np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+        assert relative_error(stats, expected_stats) <= 1e-12, method
+        # The outer batch is shifted, so its statistics differ from the inner batch's.
+        assert relative_error(stats, loss_fn(adapted, inner)[1]) > 1e-2
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_parameter_inner_lr_equals_grad_through_update(method):
+    """Meta-SGD: theta' = theta - alpha * grad L_i; the second-order term is H (alpha * G)."""
+    loss_with_aux, params, inner, outer = make_problem(seed=6)
+    loss_fn = scalar(loss_with_aux)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(7), len(leaves))
+    # Full per-element rates for most leaves, one scalar per leaf for the first (per-layer rates).
+    rates = [jax.random.uniform(k, leaf.shape, jnp.float64, 0.05, 0.6) for k, leaf in zip(keys, leaves)]
+    rates[0] = jnp.asarray(0.4, jnp.float64)
+    inner_lr = jax.tree_util.tree_unflatten(treedef, rates)
+
+    def outer_after_meta_sgd_step(theta):
+        g = jax.grad(loss_fn)(theta, inner)
+        return loss_fn(jax.tree_util.tree_map(lambda p, a, gi: p - a * gi, theta, inner_lr, g), outer)
+
+    def first_order_reference(theta):
+        g = jax.grad(loss_fn)(theta, inner)
+        return jax.grad(loss_fn)(jax.tree_util.tree_map(lambda p, a, gi: p - a * gi, theta, inner_lr, g), outer)
+
+    expected = first_order_reference(params) if method == "first_order" else jax.grad(outer_after_meta_sgd_step)(params)
+    _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=inner_lr, method=method)
+    assert relative_error(grads, expected) <= 1e-10
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("method", METHODS)
+def test_pmap_four_devices_equal_one_device(method, inner_steps):
+    """Synchronised BatchNorm over 4 devices == one device with the concatenated batch."""
+    assert jax.local_device_count() >= NUM_DEVICES, "tests/conftest.py should give 4 CPU devices"
+    per_device = 3
+    single_loss, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * per_device)
+    sharded_loss, _, _, _ = make_problem(seed=8, per_batch=NUM_DEVICES * per_device, axis_name="batch")
+    shard = lambda batch: jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, per_device, *x.shape[1:]), batch)
+    kwargs = dict(inner_lr=0.4, method=method, inner_steps=inner_steps, has_aux=True)
+
+    (loss_1, stats_1), grads_1 = meta_value_and_grad(single_loss, params, inner, outer, **kwargs)
+    parallel = jax.pmap(
+        lambda p, i, o: meta_value_and_grad(sharded_loss, p, i, o, axis_name="batch", **kwargs),
+        axis_name="batch",
+        in_axes=(None, 0, 0),
+    )
+    (loss_n, stats_n), grads_n = parallel(params, shard(inner), shard(outer))
+
+    for device in range(NUM_DEVICES):
+        take = lambda tree: jax.tree_util.tree_map(lambda x: x[device], tree)
+        np.testing.assert_allclose(loss_n[device], loss_1, rtol=1e-9)
+        assert relative_error(take(grads_n), grads_1) <= 1e-9
+        assert relative_error(take(stats_n), stats_1) <= 1e-9
+
+
+def test_pmap_without_axis_averaging_differs():
+    """Guards the test above: per-device inner steps (no axis_name) give another result."""
+    per_device = 3
+    single_loss, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * per_device)
+    shard = lambda batch: jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, per_device, *x.shape[1:]), batch)
+    _, grads_1 = meta_value_and_grad(scalar(single_loss), params, inner, outer, inner_lr=0.4)
+    local = jax.pmap(lambda p, i, o: meta_value_and_grad(scalar(single_loss), p, i, o, inner_lr=0.4), in_axes=(None, 0, 0))
+    _, grads_local = local(params, shard(inner), shard(outer))
+    mean_of_local = jax.tree_util.tree_map(lambda x: x.mean(0), grads_local)
+    assert relative_error(mean_of_local, grads_1) > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_jit_with_traced_inner_lr_and_vmap_over_tasks(method):
+    loss_with_aux, params, _, _ = make_problem(seed=9)
+    loss_fn = scalar(loss_with_aux)
+    num_tasks = 3
+    tasks = [make_problem(seed=20 + t)[2:] for t in range(num_tasks)]
+    stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
+    inner_batches = stack([t[0] for t in tasks])
+    outer_batches = stack([t[1] for t in tasks])
+
+    step = jax.jit(
+        lambda p, i, o, lr: meta_value_and_grad(loss_fn, p, i, o, inner_lr=lr, method=method, inner_steps=2)
+    )
+    batched = jax.vmap(step, in_axes=(None, 0, 0, None))
+    losses, grads = batched(params, inner_batches, outer_batches, 0.25)
+    for t, (inner, outer) in enumerate(tasks):
+        loss_t, grads_t = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=0.25, method=method, inner_steps=2)
+        np.testing.assert_allclose(losses[t], loss_t, rtol=1e-12)
+        assert relative_error(jax.tree_util.tree_map(lambda x: x[t], grads), grads_t) <= 1e-12
+
+
+def test_float32_params_stay_float32_with_float64_rate():
+    loss_with_aux, params, inner, outer = make_problem(seed=10)
+    params32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
+    loss32 = lambda p, b: scalar(loss_with_aux)(jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), p), b)
+    for method in METHODS:
+        _, grads = meta_value_and_grad(loss32, params32, inner, outer, inner_lr=jnp.float64(0.1), method=method)
+        assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads)), method
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="second_order"), "unknown meta-gradient method 'second_order'"),
+        (dict(inner_steps=0), "inner_steps must be >= 1"),
+        (dict(inner_steps=1.5), "inner_steps must be a Python int"),
+        (dict(inner_steps=True), "inner_steps must be a Python int"),
+        (dict(inner_lr={"Dense_0": 0.1}), "structure of params"),
+        (dict(inner_lr="shape"), "does not broadcast"),
+    ],
+)
+def test_bad_arguments_raise_value_error_naming_the_problem(kwargs, message):
+    loss_with_aux, params, inner, outer = make_problem()
+    loss_fn = scalar(loss_with_aux)
+    if kwargs.get("inner_lr") == "shape":
+        kwargs["inner_lr"] = jax.tree_util.tree_map(lambda x: jnp.ones(x.shape + (2,)), params)
+    arguments = dict(inner_lr=0.1) | kwargs
+    with pytest.raises(ValueError, match=message):
+        meta_value_and_grad(loss_fn, params, inner, outer, **arguments)
