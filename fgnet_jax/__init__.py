@@ -1,10 +1,18 @@
 """fgnet_jax: MetaFGNet (Zhang, Tang, Jia, ECCV 2018) in JAX.
 
 The meta-gradient core lives in :mod:`fgnet_jax.meta`; it is model-agnostic and works with
-any ``loss_fn(params, batch)``.
+any ``loss_fn(params, batch)``. Importing this package does not import JAX (so that
+:func:`fgnet_jax.cpu_devices.simulate_cpu_devices` can run first); ``meta_value_and_grad``
+and ``METHODS`` are loaded on first access.
 """
-
-from fgnet_jax.meta import METHODS, meta_value_and_grad
 
 __version__ = "0.1.0"
 __all__ = ["METHODS", "meta_value_and_grad", "__version__"]
+
+
+def __getattr__(name):
+    if name in ("METHODS", "meta_value_and_grad"):
+        from fgnet_jax import meta
+
+        return getattr(meta, name)
+    raise AttributeError(f"module 'fgnet_jax' has no attribute {name!r}")

@@ -1,0 +1,31 @@
+"""Flax models: torchvision-compatible ResNet backbones and the MetaFGNet two-head network."""
+
+from fgnet_jax.models.metafgnet import MetaFGNet, fresh_target_head, init_variables
+from fgnet_jax.models.resnet import (
+    STAGE_SIZES,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    ResNet18,
+    ResNet34,
+    ResNet50,
+    block_names,
+    feature_dim,
+    resnet,
+)
+
+__all__ = [
+    "STAGE_SIZES",
+    "BasicBlock",
+    "Bottleneck",
+    "MetaFGNet",
+    "ResNet",
+    "ResNet18",
+    "ResNet34",
+    "ResNet50",
+    "block_names",
+    "feature_dim",
+    "fresh_target_head",
+    "init_variables",
+    "resnet",
+]

@@ -1,0 +1,129 @@
+r"""MetaFGNet: one shared ResNet backbone with a target head and an auxiliary head.
+
+Parameters (paper notation): the backbone :math:`\theta_b`, the target head
+:math:`\theta_c^t` (``C_t`` classes) and the auxiliary head :math:`\theta_c^s`
+(``C_s`` classes); the target parameters are :math:`\theta^t = [\theta_b, \theta_c^t]`.
+
+Variable trees::
+
+    params:      {"backbone": {...}, "target_head": {"kernel", "bias"},
+                  "auxiliary_head": {"kernel", "bias"}}
+    batch_stats: {"backbone": {...}}
+
+Each head is a linear layer :math:`z = f W + b` on the pooled backbone feature :math:`f`,
+computed in float32 whatever the backbone's compute dtype, so losses and the meta-gradient
+see float32 logits.
+
+Submodules are bound lazily in ``apply``: a method only needs the parameters of the
+submodules it calls. ``model.apply({"params": {"backbone": ..., "target_head": ...},
+"batch_stats": ...}, x, train, method=MetaFGNet.target_logits)`` therefore works without
+the auxiliary head, which lets the meta-step differentiate the target losses with respect
+to :math:`\theta^t` alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fgnet_jax.models.resnet import ResNet
+
+__all__ = ["MetaFGNet", "fresh_target_head", "init_variables"]
+
+Dtype = Any
+
+
+def _linear_head(num_classes: int, param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+    # Flax's default Dense init (LeCun-normal kernel, zero bias); at least float32 whatever
+    # the backbone compute dtype.
+    dtype = jnp.promote_types(jnp.float32, param_dtype)
+    return nn.Dense(num_classes, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class MetaFGNet(nn.Module):
+    """Backbone + target head + auxiliary head.
+
+    Attributes:
+      backbone_depth: ResNet depth (18, 34 or 50); the authors used 34.
+      num_target_classes: ``C_t`` (e.g. 200 for CUB-200-2011).
+      num_auxiliary_classes: ``C_s`` (e.g. 1000 for ImageNet).
+      axis_name: ``pmap`` axis name for synchronised BatchNorm, or ``None``.
+      remat: rematerialise each residual block (see :class:`ResNet`).
+      dtype: backbone compute dtype; parameters and logits stay float32.
+      param_dtype: parameter dtype (float32; float64 with ``dtype=jnp.float64`` for
+        round-off-free tests, then logits are float64 too).
+
+    Every method takes ``(x, train)``; with ``train=True`` BatchNorm uses batch statistics
+    and ``apply`` needs ``mutable=["batch_stats"]``.
+    """
+
+    backbone_depth: int
+    num_target_classes: int
+    num_auxiliary_classes: int
+    axis_name: str | None = None
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.backbone = ResNet(
+            depth=self.backbone_depth,
+            axis_name=self.axis_name,
+            remat=self.remat,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
+        self.target_head = _linear_head(self.num_target_classes, self.param_dtype)
+        self.auxiliary_head = _linear_head(self.num_auxiliary_classes, self.param_dtype)
+
+    def features(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Pooled backbone features, ``(N, 512)`` or ``(N, 2048)``, in float32."""
+        return self.backbone(x, train).astype(jnp.promote_types(jnp.float32, self.param_dtype))
+
+    def target_logits(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Target-head logits ``(N, C_t)``; uses only ``backbone`` and ``target_head``."""
+        return self.target_head(self.features(x, train))
+
+    def auxiliary_logits(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Auxiliary-head logits ``(N, C_s)``; uses only ``backbone`` and ``auxiliary_head``."""
+        return self.auxiliary_head(self.features(x, train))
+
+    def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
+        """Both heads on one shared forward pass: ``(target_logits, auxiliary_logits)``."""
+        feature = self.features(x, train)
+        return self.target_head(feature), self.auxiliary_head(feature)
+
+
+def init_variables(
+    model: nn.Module, rng: jax.Array, image_size: int | tuple[int, int], batch: int = 2
+) -> dict[str, Any]:
+    """Initial ``{"params", "batch_stats"}`` of ``model`` for NHWC images of ``image_size``.
+
+    Shapes do not depend on ``image_size`` (the backbone pools globally); it only has to be
+    large enough for the network (>= 32 px). Initialisation is jitted: tracing once is much
+    faster than running the ResNet op by op.
+    """
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    dummy = jnp.zeros((batch, height, width, 3), jnp.float32)
+    variables = jax.jit(lambda key: model.init(key, dummy, train=False))(rng)
+    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+
+
+def fresh_target_head(params: Mapping[str, Any], rng: jax.Array, num_classes: int | None = None) -> dict[str, Any]:
+    """A copy of ``params`` whose ``target_head`` is re-initialised (the final fine-tuning).
+
+    The new head has the same initialiser as :class:`MetaFGNet`'s and the backbone's feature
+    width as input; ``num_classes`` defaults to the current head's. When it changes, apply
+    the result with a model built with ``num_target_classes=num_classes``. Other entries are
+    shared, not copied (pytrees are immutable values in JAX).
+    """
+    kernel = params["target_head"]["kernel"]
+    in_features, current_classes = kernel.shape
+    head = _linear_head(current_classes if num_classes is None else num_classes, kernel.dtype)
+    head_params = head.init(rng, jnp.zeros((1, in_features), kernel.dtype))["params"]
+    new_params = dict(params)
+    new_params["target_head"] = head_params
+    return new_params

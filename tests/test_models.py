@@ -1,0 +1,250 @@
+"""ResNet backbones and the MetaFGNet two-head model: structure, remat, bfloat16 compute,
+partial-parameter application and synchronised BatchNorm under pmap."""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgnet_jax.models import MetaFGNet, block_names, feature_dim, fresh_target_head, init_variables, resnet
+
+IMAGE_SIZE = 32  # last stage 1x1; XLA:CPU convs on 2x2 maps are pathologically slow
+NUM_TARGET, NUM_AUXILIARY = 5, 7
+
+# Parameter counts of torchvision's resnet18/34/50 without the 1000-way fc layer.
+TORCHVISION_BACKBONE_PARAMS = {
+    18: 11_689_512 - 513_000,
+    34: 21_797_672 - 513_000,
+    50: 25_557_032 - 2_049_000,
+}
+
+
+def _key(seed: int) -> jax.Array:
+    # The "rbg" PRNG compiles several times faster than threefry on XLA:CPU, which
+    # dominates the cost of initialising a ResNet in a test.
+    return jax.random.key(seed, impl="rbg")
+
+
+def _images(seed: int, batch: int) -> jax.Array:
+    return jax.random.normal(jax.random.key(seed), (batch, IMAGE_SIZE, IMAGE_SIZE, 3))
+
+
+@pytest.fixture(scope="module")
+def model18():
+    model = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY)
+    return model, init_variables(model, _key(0), IMAGE_SIZE)
+
+
+def _count(tree) -> int:
+    return sum(leaf.size for leaf in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50])
+def test_structure_shapes_and_parameter_counts(depth):
+    model = MetaFGNet(depth, NUM_TARGET, NUM_AUXILIARY)
+    images = jax.ShapeDtypeStruct((3, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+    variables = jax.eval_shape(lambda k, x: model.init(k, x, train=False), _key(0), images)
+    params, stats = variables["params"], variables["batch_stats"]
+
+    assert set(params) == {"backbone", "target_head", "auxiliary_head"}
+    assert set(stats) == {"backbone"}
+    width = feature_dim(depth)
+    assert width == (2048 if depth == 50 else 512)
+    assert params["target_head"]["kernel"].shape == (width, NUM_TARGET)
+    assert params["auxiliary_head"]["bias"].shape == (NUM_AUXILIARY,)
+    assert _count(params["backbone"]) == TORCHVISION_BACKBONE_PARAMS[depth]
+    blocks = [name for name in params["backbone"] if name.startswith("layer")]
+    assert sorted(blocks) == sorted(block_names(depth))
+    # One projection shortcut per stage whose shape changes (all four for the bottleneck).
+    projections = [name for name in blocks if "downsample_conv" in params["backbone"][name]]
+    assert projections == (["layer1_0"] if depth == 50 else []) + ["layer2_0", "layer3_0", "layer4_0"]
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(variables))
+
+    (target, auxiliary), updates = jax.eval_shape(
+        lambda v, x: model.apply(v, x, True, mutable=["batch_stats"]), variables, images
+    )
+    assert target.shape == (3, NUM_TARGET) and auxiliary.shape == (3, NUM_AUXILIARY)
+    assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(stats)
+    features = jax.eval_shape(lambda v, x: model.apply(v, x, method=MetaFGNet.features), variables, images)
+    assert features.shape == (3, width)
+
+
+def test_unsupported_depth_is_rejected():
+    with pytest.raises(ValueError, match="unsupported ResNet depth 101"):
+        resnet(101)
+
+
+def test_forward_heads_and_train_mode_statistics(model18):
+    model, variables = model18
+    images = _images(1, 4)
+    target, auxiliary = model.apply(variables, images, False)
+    np.testing.assert_allclose(model.apply(variables, images, False, method=MetaFGNet.target_logits), target, rtol=1e-6)
+    np.testing.assert_allclose(
+        model.apply(variables, images, False, method=MetaFGNet.auxiliary_logits), auxiliary, rtol=1e-6
+    )
+    features = model.apply(variables, images, False, method=MetaFGNet.features)
+    head = variables["params"]["target_head"]
+    np.testing.assert_allclose(target, features @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-6)
+    assert np.all(np.asarray(features) >= 0)  # pooled after a ReLU
+
+    # Train mode: the new running mean of bn1 is 0.9 * old (zeros) + 0.1 * batch mean.
+    (_, _), updates = model.apply(variables, images, True, mutable=["batch_stats"])
+    conv1 = jax.lax.conv_general_dilated(
+        images,
+        variables["params"]["backbone"]["conv1"]["kernel"],
+        (2, 2),
+        ((3, 3), (3, 3)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    np.testing.assert_allclose(
+        updates["batch_stats"]["backbone"]["bn1"]["mean"], 0.1 * conv1.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-6
+    )
+
+
+def _train_loss_and_grads(model, variables, images, labels):
+    def loss_fn(params):
+        (target, auxiliary), updates = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]}, images, True, mutable=["batch_stats"]
+        )
+        loss = -jnp.mean(jax.nn.log_softmax(target)[jnp.arange(len(labels)), labels])
+        return loss + 0.5 * jnp.mean(auxiliary**2), updates["batch_stats"]
+
+    return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+
+
+def test_remat_gives_the_same_outputs_and_gradients(model18):
+    model, variables = model18
+    remat_model = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY, remat=True)
+    images, labels = _images(2, 4), jnp.array([0, 1, 2, 3])
+
+    (loss, stats), grads = _train_loss_and_grads(model, variables, images, labels)
+    (remat_loss, remat_stats), remat_grads = _train_loss_and_grads(remat_model, variables, images, labels)
+
+    np.testing.assert_allclose(remat_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), remat_stats, stats)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), remat_grads, grads)
+    assert _count(grads) == _count(variables["params"])
+    assert float(jnp.abs(grads["backbone"]["conv1"]["kernel"]).max()) > 0
+
+    # remat is really applied: one checkpointed region per residual block.
+    def forward(params):
+        return remat_model.apply({"params": params, "batch_stats": variables["batch_stats"]}, images, False)[0].sum()
+
+    eqns = jax.make_jaxpr(jax.grad(forward))(variables["params"]).jaxpr.eqns
+    checkpointed = [eqn for eqn in eqns if "remat" in eqn.primitive.name or "checkpoint" in eqn.primitive.name]
+    assert len(checkpointed) == len(block_names(18))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(model18):
+    model, variables = model18
+    bf16_model = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY, dtype=jnp.bfloat16)
+    bf16_variables = init_variables(bf16_model, _key(0), IMAGE_SIZE)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf16_variables))
+
+    images = _images(3, 4)
+    reference, _ = model.apply(variables, images, False)
+    (target, auxiliary), updates = jax.jit(lambda v, x: bf16_model.apply(v, x, True, mutable=["batch_stats"]))(
+        variables, images
+    )
+    assert target.dtype == jnp.float32 and auxiliary.dtype == jnp.float32
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(updates))
+    low, _ = jax.jit(lambda v, x: bf16_model.apply(v, x, False))(variables, images)
+    # bfloat16 has an 8-bit mantissa: close to, but measurably different from, float32.
+    relative = float(jnp.abs(low - reference).max() / jnp.abs(reference).max())
+    assert 0 < relative < 0.1
+    # The convolutions really run in bfloat16 (inputs and outputs).
+    eqns = jax.make_jaxpr(lambda v: bf16_model.apply(v, images, False))(variables).jaxpr.eqns
+    convs = [eqn for eqn in eqns if eqn.primitive.name == "conv_general_dilated"]
+    assert convs and all(eqn.outvars[0].aval.dtype == jnp.bfloat16 for eqn in convs)
+
+
+def test_target_logits_with_only_the_target_parameters(model18):
+    model, variables = model18
+    images, labels = _images(4, 4), jnp.array([4, 3, 2, 1])
+    target_params = {name: variables["params"][name] for name in ("backbone", "target_head")}
+
+    full = model.apply(variables, images, False, method=MetaFGNet.target_logits)
+    target_variables = {"params": target_params, "batch_stats": variables["batch_stats"]}
+    partial = model.apply(target_variables, images, False, method=MetaFGNet.target_logits)
+    np.testing.assert_array_equal(partial, full)
+
+    # The meta-step differentiates the target loss w.r.t. theta^t = [backbone, target_head] only.
+    def target_loss(params):
+        logits, _ = model.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            images,
+            True,
+            method=MetaFGNet.target_logits,
+            mutable=["batch_stats"],
+        )
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+    grads = jax.jit(jax.grad(target_loss))(target_params)
+    assert set(grads) == {"backbone", "target_head"}
+    assert float(jnp.abs(grads["target_head"]["kernel"]).max()) > 0
+
+    # ...and the auxiliary head really is absent, not silently re-created.
+    with pytest.raises(flax.errors.ScopeParamNotFoundError):
+        model.apply(
+            {"params": target_params, "batch_stats": variables["batch_stats"]},
+            images,
+            False,
+            method=MetaFGNet.auxiliary_logits,
+        )
+
+
+def test_fresh_target_head(model18):
+    model, variables = model18
+    params = variables["params"]
+    fresh = fresh_target_head(params, _key(9))
+    assert fresh["backbone"] is params["backbone"] and fresh["auxiliary_head"] is params["auxiliary_head"]
+    assert fresh["target_head"]["kernel"].shape == params["target_head"]["kernel"].shape
+    assert not np.allclose(fresh["target_head"]["kernel"], params["target_head"]["kernel"])
+    np.testing.assert_array_equal(fresh["target_head"]["bias"], 0)
+    assert float(jnp.std(fresh["target_head"]["kernel"])) == pytest.approx(512**-0.5, rel=0.1)  # LeCun normal
+
+    resized = fresh_target_head(params, _key(9), num_classes=11)
+    assert resized["target_head"]["kernel"].shape == (512, 11)
+    resized_variables = {"params": resized, "batch_stats": variables["batch_stats"]}
+    logits = MetaFGNet(18, 11, NUM_AUXILIARY).apply(
+        resized_variables, _images(5, 2), False, method=MetaFGNet.target_logits
+    )
+    assert logits.shape == (2, 11)
+
+
+def test_synchronised_batch_norm_under_pmap_equals_one_device_on_the_whole_batch(model18):
+    devices = jax.local_devices()
+    assert len(devices) == 4, "tests/conftest.py should provide 4 simulated CPU devices"
+    _, variables = model18
+    per_device = 2
+    # Shards from different distributions: unsynchronised statistics would differ a lot.
+    shards = jnp.stack([(1.0 + device) * _images(10 + device, per_device) + device for device in range(4)])
+    whole = shards.reshape(4 * per_device, IMAGE_SIZE, IMAGE_SIZE, 3)
+
+    def train_forward(model):
+        return lambda v, x: model.apply(v, x, True, mutable=["batch_stats"])
+
+    synced = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY, axis_name="batch")
+    replicated = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (len(devices), *leaf.shape)), variables)
+    (target, auxiliary), updates = jax.pmap(train_forward(synced), axis_name="batch")(replicated, shards)
+
+    single = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY)
+    (target_1, auxiliary_1), updates_1 = jax.jit(train_forward(single))(variables, whole)
+
+    np.testing.assert_allclose(np.asarray(target).reshape(whole.shape[0], -1), target_1, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(auxiliary).reshape(whole.shape[0], -1), auxiliary_1, rtol=1e-4, atol=1e-4)
+    # Every device holds the same, global, running statistics.
+    jax.tree.map(
+        lambda per_device_stats, stats: np.testing.assert_allclose(
+            per_device_stats, np.broadcast_to(stats, per_device_stats.shape), rtol=1e-4, atol=1e-5
+        ),
+        updates["batch_stats"],
+        updates_1["batch_stats"],
+    )
+
+    # Control: without synchronisation the first shard is normalised by its own statistics.
+    (target_local, _), _ = jax.jit(train_forward(single))(variables, shards[0])
+    assert float(jnp.abs(target_local - target_1[:per_device]).max()) > 1e-2
