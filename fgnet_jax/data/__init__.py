@@ -1,0 +1,87 @@
+"""Datasets and input streams for MetaFGNet.
+
+Typical use::
+
+    from fgnet_jax import data
+
+    target = data.load_target("cub_200_2011", data_dir=..., manual_dir=..., validation_per_class=3)
+    auxiliary = data.load_auxiliary("image_folder", folder=".../lbird", cache_dir=...)
+    steps = data.meta_train_stream(target.train, auxiliary, seed=0, per_device_batch=32,
+                                   image_size=224, start_step=resume_step)
+    batch = next(steps)  # {'inner': {'image', 'label'}, 'outer': {...}, 'auxiliary': {...}}
+    for batch in data.eval_stream(target.validation, per_device_batch=64): ...
+
+Missing files raise :class:`DatasetNotFoundError` with a one-line message; see docs/data.md.
+"""
+
+from fgnet_jax.data import _compat
+
+_compat.ensure_importlib_resources()
+
+from fgnet_jax.data.errors import CorruptImageError, DatasetFormatError, DatasetNotFoundError  # noqa: E402
+from fgnet_jax.data.folder import index_image_folder, load_image_folder  # noqa: E402
+from fgnet_jax.data.loaders import (  # noqa: E402
+    AUXILIARY_DATASETS,
+    TARGET_DATASETS,
+    TargetData,
+    load_auxiliary,
+    load_target,
+    load_tfds_split,
+    prepare_tfds,
+)
+from fgnet_jax.data.pipeline import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BatchLayout,
+    auxiliary_stream,
+    default_layout,
+    eval_stream,
+    meta_train_dataset,
+    meta_train_stream,
+    num_eval_batches,
+    preprocess_eval,
+    preprocess_train,
+    supervised_stream,
+)
+from fgnet_jax.data.sources import ImageSource  # noqa: E402
+from fgnet_jax.data.splits import split_validation, stratified_holdout  # noqa: E402
+from fgnet_jax.data.synthetic import (  # noqa: E402
+    write_synthetic_cub,
+    write_synthetic_image_folder,
+    write_synthetic_imagenet,
+    write_synthetic_stanford_dogs,
+)
+
+__all__ = [
+    "AUXILIARY_DATASETS",
+    "TARGET_DATASETS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BatchLayout",
+    "CorruptImageError",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "ImageSource",
+    "TargetData",
+    "auxiliary_stream",
+    "default_layout",
+    "eval_stream",
+    "index_image_folder",
+    "load_auxiliary",
+    "load_image_folder",
+    "load_target",
+    "load_tfds_split",
+    "meta_train_dataset",
+    "meta_train_stream",
+    "num_eval_batches",
+    "prepare_tfds",
+    "preprocess_eval",
+    "preprocess_train",
+    "split_validation",
+    "stratified_holdout",
+    "supervised_stream",
+    "write_synthetic_cub",
+    "write_synthetic_image_folder",
+    "write_synthetic_imagenet",
+    "write_synthetic_stanford_dogs",
+]

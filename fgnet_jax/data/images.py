@@ -1,0 +1,76 @@
+"""Checking encoded images before they enter a dataset.
+
+A truncated or corrupt file must never silently become a training example (or silently vanish):
+builders and folder indexers call :func:`inspect_image` on every file and then either stop with a
+:class:`CorruptImageError` naming the file or skip it and report the count, per the caller's
+``on_corrupt`` policy.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import NamedTuple
+
+from PIL import Image
+
+from fgnet_jax.data.errors import CorruptImageError
+
+ON_CORRUPT_POLICIES = ("error", "skip")
+
+# Formats whose bytes TensorFlow (>= 2.17) decode_image reads as 8-bit RGB(A)/grey: stored as
+# they are. Anything else PIL reads (TIFF, 16-bit PNG, ...) is re-encoded once as 8-bit RGB PNG
+# by builders, and reported as unsupported by the folder indexer (which never rewrites files).
+_TF_DECODABLE = {
+    "JPEG": None,
+    "PNG": {"1", "L", "LA", "P", "RGB", "RGBA"},
+    "GIF": None,
+    "BMP": None,
+    "WEBP": None,
+}
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+class ImageInfo(NamedTuple):
+    width: int
+    height: int
+    format: str
+    data: bytes  # the bytes to store: the input, or an 8-bit PNG re-encoding of it
+
+
+def check_on_corrupt(on_corrupt: str) -> str:
+    if on_corrupt not in ON_CORRUPT_POLICIES:
+        raise ValueError(f"on_corrupt must be one of {ON_CORRUPT_POLICIES}, got {on_corrupt!r}")
+    return on_corrupt
+
+
+def inspect_image(data: bytes, name: str, *, decode: bool = True) -> ImageInfo:
+    """Returns the size and storable bytes of one encoded image, or raises CorruptImageError.
+
+    With ``decode=True`` the whole image is decoded (JPEGs at 1/8 scale through libjpeg's DCT
+    scaling, which still reads every entropy-coded byte), so a truncated file is caught; with
+    ``decode=False`` only the header is read.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            fmt = image.format or "unknown"
+            if decode:
+                if fmt == "JPEG":
+                    image.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
+                image.load()
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise CorruptImageError(f"corrupt or truncated image {name}: {error}") from error
+    if width < 1 or height < 1:
+        raise CorruptImageError(f"corrupt image {name}: empty {width}x{height} image")
+    modes = _TF_DECODABLE.get(fmt, set())
+    if fmt in _TF_DECODABLE and (modes is None or image.mode in modes):
+        return ImageInfo(width, height, fmt, data)
+    if not decode:
+        image = Image.open(io.BytesIO(data))
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return ImageInfo(width, height, fmt, buffer.getvalue())

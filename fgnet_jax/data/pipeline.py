@@ -1,0 +1,511 @@
+"""Input streams for MetaFGNet: meta-training (T_i, T_j, S), plain supervised, auxiliary, eval.
+
+Determinism: every stream is a pure function of (seed, step)
+---------------------------------------------------------------
+A shuffled stream over a source of ``N`` examples is the infinite sequence of positions
+``p = 0, 1, 2, ...``; position ``p`` is example ``pi_e[p mod N]`` of epoch ``e = p div N``,
+where ``pi_e`` is a permutation drawn from ``SeedSequence(seed, stream, e)`` (each epoch is a
+fresh reshuffle; batches run across epoch boundaries, nothing is dropped). Global batch ``b``
+holds positions ``[b G, (b + 1) G)`` with ``G = process_count * local_devices * per_device_batch``,
+and process ``r`` takes the contiguous slice ``[b G + r L, b G + (r + 1) L)``, ``L = G /
+process_count``, so the processes together read every global batch exactly once. Each example's
+augmentation draws from the stateless key ``h(seed, stream, e, record)`` (a SplitMix64 chain),
+so it does not depend on which worker thread or process decodes it. Hence batch ``b`` is
+computed directly from ``(seed, b)``: a run resumed at step ``k`` sees exactly the batches an
+uninterrupted run sees from step ``k``.
+
+Meta-training step ``k`` uses target batches ``2k`` (T_i, "inner") and ``2k + 1`` (T_j,
+"outer") - two consecutive batches of the shuffled target train split - and auxiliary batch ``k``
+(S). The standalone :func:`auxiliary_stream` with the same seed yields the same S batches.
+
+Preprocessing (torchvision semantics, ``S`` = image size, 224 by default)
+---------------------------------------------------------------------------
+train: RandomResizedCrop - up to 10 draws of area ``a ~ U(0.08, 1) H W`` and log aspect
+  ``log r ~ U(log 3/4, log 4/3)``, crop ``w = round(sqrt(a r))``, ``h = round(sqrt(a / r))``, the
+  first that fits at a uniform offset, else the whole image with its aspect clamped to
+  [3/4, 4/3], centred - resized to ``S x S``; horizontal flip with probability 1/2.
+eval: resize the shorter side to ``S * 256 / 224`` and take the central ``S x S`` crop, computed
+  as the equivalent central square of side ``min(H, W) * 224 / 256`` resized to ``S x S``.
+Both: bilinear resizing with antialiasing (as PIL), then ``(x / 255 - mean) / std`` with the
+ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). JPEGs are decoded only inside
+the crop window (``decode_and_crop_jpeg``); other formats are decoded whole, then cropped.
+
+Batches are numpy arrays shaped ``[local_devices, per_device_batch, ...]``: images float32 NHWC,
+labels int32; eval batches add ``mask`` (False on padding) and ``id`` (bytes, host-only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from fgnet_jax.data._compat import hide_accelerators_from_tensorflow
+from fgnet_jax.data.sources import ImageSource, stable_hash
+
+hide_accelerators_from_tensorflow()
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EVAL_CROP_FRACTION = 224 / 256
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+_CROP_ATTEMPTS = 10
+_UNBOUNDED = 2**62
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing (TensorFlow graph ops; seeds are int64 [2] tensors for the stateless ops)
+# --------------------------------------------------------------------------------------------
+
+
+def random_resized_crop_window(
+    height: tf.Tensor,
+    width: tf.Tensor,
+    seed: tf.Tensor,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+    attempts: int = _CROP_ATTEMPTS,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """torchvision's ``RandomResizedCrop.get_params`` with stateless draws (see module docstring).
+
+    Returns int32 scalars (top, left, crop_height, crop_width).
+    """
+    height_f = tf.cast(height, tf.float32)
+    width_f = tf.cast(width, tf.float32)
+    area_seed, ratio_seed, offset_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    target_area = height_f * width_f * tf.random.stateless_uniform([attempts], area_seed, scale[0], scale[1])
+    aspect = tf.exp(tf.random.stateless_uniform([attempts], ratio_seed, math.log(ratio[0]), math.log(ratio[1])))
+    crop_w = tf.round(tf.sqrt(target_area * aspect))
+    crop_h = tf.round(tf.sqrt(target_area / aspect))
+    fits = (crop_w > 0) & (crop_h > 0) & (crop_w <= width_f) & (crop_h <= height_f)
+    any_fit = tf.reduce_any(fits)
+    first = tf.argmax(tf.cast(fits, tf.int32))  # index of the first attempt that fits
+    in_ratio = width_f / height_f
+    fallback_w = tf.where(in_ratio > ratio[1], tf.round(height_f * ratio[1]), width_f)
+    fallback_h = tf.where(in_ratio < ratio[0], tf.round(width_f / ratio[0]), height_f)
+    crop_h = tf.where(any_fit, tf.gather(crop_h, first), fallback_h)
+    crop_w = tf.where(any_fit, tf.gather(crop_w, first), fallback_w)
+    uniform = tf.random.stateless_uniform([2], offset_seed)
+    top = tf.where(any_fit, tf.floor(uniform[0] * (height_f - crop_h + 1)), tf.floor((height_f - crop_h) / 2))
+    left = tf.where(any_fit, tf.floor(uniform[1] * (width_f - crop_w + 1)), tf.floor((width_f - crop_w) / 2))
+    return tuple(tf.cast(v, tf.int32) for v in (top, left, crop_h, crop_w))
+
+
+def center_crop_window(
+    height: tf.Tensor, width: tf.Tensor, crop_fraction: float = EVAL_CROP_FRACTION
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Central square of side ``round(min(H, W) * crop_fraction)``: (top, left, side, side)."""
+    side = tf.cast(tf.round(tf.cast(tf.minimum(height, width), tf.float32) * crop_fraction), tf.int32)
+    side = tf.maximum(side, 1)
+    top = (height - side + 1) // 2
+    left = (width - side + 1) // 2
+    return top, left, side, side
+
+
+def decode_crop(
+    encoded: tf.Tensor, window_fn: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, ...]]
+) -> tf.Tensor:
+    """Decodes the window ``window_fn(height, width) -> (top, left, h, w)`` of an image as uint8 RGB.
+
+    JPEGs: only the window is decoded. Other formats (PNG, GIF, BMP): whole image, then cropped.
+    """
+
+    def jpeg():
+        shape = tf.io.extract_jpeg_shape(encoded)
+        window = tf.stack(window_fn(shape[0], shape[1]))
+        return tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+
+    def other():
+        image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
+        image.set_shape([None, None, 3])
+        shape = tf.shape(image)
+        top, left, h, w = window_fn(shape[0], shape[1])
+        return image[top : top + h, left : left + w]
+
+    image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+    """float32 ``(x / 255 - mean) / std`` per channel."""
+    mean = tf.constant(IMAGENET_MEAN, tf.float32)
+    std = tf.constant(IMAGENET_STD, tf.float32)
+    return (tf.cast(image, tf.float32) / 255.0 - mean) / std
+
+
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    return tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
+
+
+def preprocess_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int = 224) -> tf.Tensor:
+    """Random resized crop + horizontal flip + normalisation: float32 [S, S, 3]."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = decode_crop(encoded, lambda h, w: random_resized_crop_window(h, w, crop_seed))
+    image = _resize(image, image_size)
+    flip = tf.random.stateless_uniform([], flip_seed) < 0.5
+    image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+    return normalize(image)
+
+
+def preprocess_eval(encoded: tf.Tensor, image_size: int = 224) -> tf.Tensor:
+    """Resize-256/centre-crop-224 equivalent at any size + normalisation: float32 [S, S, 3]."""
+    image = decode_crop(encoded, center_crop_window)
+    return normalize(_resize(image, image_size))
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: which examples make up batch b (pure numpy)
+# --------------------------------------------------------------------------------------------
+
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _M64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _M64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _M64
+        return x ^ (x >> np.uint64(31))
+
+
+def example_seeds(seed: int, stream: str, epochs: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """Stateless-op keys ``h(seed, stream, epoch, record)`` as int64 [n, 2] (two 32-bit halves)."""
+    h = _splitmix64(np.full(len(records), np.uint64(stable_hash("augment", seed, stream))))
+    for word in (np.asarray(epochs, np.uint64), np.asarray(records, np.uint64)):
+        h = _splitmix64(h ^ word)
+    return np.stack([h >> np.uint64(32), h & np.uint64(0xFFFFFFFF)], axis=1).astype(np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """How one global batch is split over processes and local devices."""
+
+    per_device_batch: int
+    local_devices: int
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if self.per_device_batch < 1 or self.local_devices < 1:
+            raise ValueError("per_device_batch and local_devices must be >= 1")
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+
+    @property
+    def local_batch(self) -> int:
+        return self.per_device_batch * self.local_devices
+
+    @property
+    def global_batch(self) -> int:
+        return self.local_batch * self.process_count
+
+    def local_positions(self, batch: int) -> np.ndarray:
+        """Stream positions this process reads for global batch ``batch``."""
+        start = batch * self.global_batch + self.process_index * self.local_batch
+        return np.arange(start, start + self.local_batch, dtype=np.int64)
+
+
+def default_layout(
+    per_device_batch: int,
+    local_devices: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> BatchLayout:
+    """Fills unset topology from JAX: local device count, process index and count."""
+    if None in (local_devices, process_index, process_count):
+        import jax
+    return BatchLayout(
+        per_device_batch,
+        jax.local_device_count() if local_devices is None else local_devices,
+        jax.process_index() if process_index is None else process_index,
+        jax.process_count() if process_count is None else process_count,
+    )
+
+
+class ShuffledOrder:
+    """Position -> (example, epoch) for the epoch-wise reshuffled infinite stream."""
+
+    def __init__(self, num_examples: int, seed: int, stream: str):
+        if num_examples < 1:
+            raise ValueError(f"cannot shuffle an empty source (stream {stream!r})")
+        self.num_examples = num_examples
+        self.seed = seed
+        self.stream = stream
+        self._tag = stable_hash("shuffle", stream)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        order = self._cache.get(epoch)
+        if order is None:
+            order = np.random.default_rng([self.seed, self._tag, epoch]).permutation(self.num_examples)
+            if len(self._cache) >= 2:  # batches move forward: keep the current and next epoch
+                self._cache.pop(min(self._cache), None)
+            self._cache[epoch] = order
+        return order
+
+    def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        epochs = positions // self.num_examples
+        offsets = positions % self.num_examples
+        examples = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            where = epochs == epoch
+            examples[where] = self.permutation(int(epoch))[offsets[where]]
+        return examples, epochs
+
+
+# --------------------------------------------------------------------------------------------
+# tf.data assembly
+# --------------------------------------------------------------------------------------------
+
+
+def _encoded_image(source: ImageSource, payload: tf.Tensor) -> tf.Tensor:
+    if source.reader.payload == "path":
+        return tf.io.read_file(payload)
+    key = source.reader.image_key
+    return tf.io.parse_single_example(payload, {key: tf.io.FixedLenFeature([], tf.string)})[key]
+
+
+def _dataset(
+    source: ImageSource,
+    plan: Callable[[int], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    layout: BatchLayout,
+    first_batch: int,
+    num_batches: int | None,
+    preprocess: Callable[[tf.Tensor, tf.Tensor], tf.Tensor],
+    keys: tuple[str, ...],
+    num_parallel_calls: int | None,
+    threads: int | None,
+) -> tf.data.Dataset:
+    """Batches ``first_batch, first_batch + 1, ...`` of the plan, preprocessed and reshaped.
+
+    ``plan(b)`` returns (positions in ``source``, int64 [L, 2] augmentation seeds, bool mask).
+    """
+    local_batch = layout.local_batch
+
+    def plan_batch(batch):
+        positions, seeds, mask = plan(int(batch))
+        records = source.record_indices[positions]
+        ids = np.asarray([i.encode() for i in source.ids[positions]], dtype=object)
+        return source.reader.fetch(records), source.labels[positions], ids, seeds, mask
+
+    def planned(batch):
+        # stateful=True keeps tf.data from parallelising this (cheap) planning step on its own.
+        payload, label, ids, seeds, mask = tf.numpy_function(
+            plan_batch, [batch], [tf.string, tf.int32, tf.string, tf.int64, tf.bool], stateful=True
+        )
+        payload.set_shape([local_batch])
+        label.set_shape([local_batch])
+        ids.set_shape([local_batch])
+        seeds.set_shape([local_batch, 2])
+        mask.set_shape([local_batch])
+        return {"payload": payload, "label": label, "id": ids, "seed": seeds, "mask": mask}
+
+    def process(example):
+        image = preprocess(_encoded_image(source, example["payload"]), example["seed"])
+        out = {"image": image, "label": example["label"], "mask": example["mask"], "id": example["id"]}
+        return {k: out[k] for k in keys}
+
+    def shard(batch):
+        return {k: tf.reshape(v, [layout.local_devices, layout.per_device_batch, *v.shape[1:]]) for k, v in batch.items()}
+
+    last = _UNBOUNDED if num_batches is None else first_batch + num_batches
+    ds = tf.data.Dataset.range(first_batch, last)
+    ds = ds.map(planned)
+    ds = ds.unbatch()
+    ds = ds.map(process, num_parallel_calls=num_parallel_calls or tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.map(shard)
+    options = tf.data.Options()
+    options.deterministic = True
+    if threads:
+        options.threading.private_threadpool_size = threads
+    return ds.with_options(options)
+
+
+def _shuffled_dataset(
+    source: ImageSource,
+    stream: str,
+    seed: int,
+    layout: BatchLayout,
+    image_size: int,
+    first_batch: int,
+    num_batches: int | None,
+    num_parallel_calls: int | None,
+    threads: int | None,
+    include_ids: bool = False,
+) -> tf.data.Dataset:
+    order = ShuffledOrder(len(source), seed, stream)
+
+    def plan(batch: int):
+        positions, epochs = order(layout.local_positions(batch))
+        seeds = example_seeds(seed, stream, epochs, source.record_indices[positions])
+        return positions, seeds, np.ones(len(positions), dtype=bool)
+
+    return _dataset(
+        source, plan, layout, first_batch, num_batches,
+        lambda encoded, key: preprocess_train(encoded, key, image_size),
+        ("image", "label", "id") if include_ids else ("image", "label"), num_parallel_calls, threads,
+    )
+
+
+def _check_steps(start_step: int, num_steps: int | None) -> None:
+    if start_step < 0 or (num_steps is not None and num_steps < 0):
+        raise ValueError("start_step and num_steps must be >= 0")
+
+
+def _numpy_iterator(ds: tf.data.Dataset, prefetch: int) -> Iterator[dict]:
+    return ds.prefetch(prefetch).as_numpy_iterator()
+
+
+def meta_train_dataset(
+    target: ImageSource,
+    auxiliary: ImageSource,
+    *,
+    seed: int,
+    per_device_batch: int,
+    auxiliary_per_device_batch: int | None = None,
+    image_size: int = 224,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    local_devices: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_parallel_calls: int | None = None,
+    threads: int | None = None,
+    include_ids: bool = False,
+) -> tf.data.Dataset:
+    """The tf.data form of :func:`meta_train_stream` (same arguments, no prefetch)."""
+    _check_steps(start_step, num_steps)
+    target_layout = default_layout(per_device_batch, local_devices, process_index, process_count)
+    aux_layout = dataclasses.replace(target_layout, per_device_batch=auxiliary_per_device_batch or per_device_batch)
+    target_ds = _shuffled_dataset(
+        target, "target", seed, target_layout, image_size, 2 * start_step,
+        None if num_steps is None else 2 * num_steps, num_parallel_calls, threads, include_ids,
+    )
+    aux_ds = _shuffled_dataset(
+        auxiliary, "auxiliary", seed, aux_layout, image_size, start_step, num_steps, num_parallel_calls, threads,
+        include_ids,
+    )
+    pairs = target_ds.batch(2, drop_remainder=True)  # (T_i, T_j) = target batches (2k, 2k + 1)
+    return tf.data.Dataset.zip(pairs, aux_ds).map(
+        lambda pair, aux: {
+            "inner": {k: v[0] for k, v in pair.items()},
+            "outer": {k: v[1] for k, v in pair.items()},
+            "auxiliary": aux,
+        }
+    )
+
+
+def meta_train_stream(target: ImageSource, auxiliary: ImageSource, *, prefetch: int = 2, **kwargs) -> Iterator[dict]:
+    """Per-step meta-training batches ``{'inner', 'outer', 'auxiliary'}``, each ``{'image', 'label'}``.
+
+    Args:
+      target: the target train source (validation excluded); T_i, T_j are its consecutive
+        shuffled batches ``2k`` and ``2k + 1`` at step ``k``.
+      auxiliary: the auxiliary source S (e.g. ``source.select(selected_ids)``).
+      seed: stream seed; the stream is a pure function of (seed, step).
+      per_device_batch: T_i / T_j batch per device; ``auxiliary_per_device_batch`` (default
+        the same) for S.
+      image_size: crop size S (224 by default).
+      start_step: first step to yield (resume); ``num_steps``: how many (default: unbounded).
+      local_devices, process_index, process_count: topology (default from JAX).
+      prefetch: batches prepared ahead; ``num_parallel_calls``, ``threads``: tf.data parallelism.
+      include_ids: also yield each batch's example ids (``'id'``, bytes; keep them off devices).
+
+    Yields:
+      dicts of numpy arrays: images float32 [local_devices, per_device_batch, S, S, 3],
+      labels int32 [local_devices, per_device_batch].
+    """
+    return _numpy_iterator(meta_train_dataset(target, auxiliary, **kwargs), prefetch)
+
+
+def supervised_stream(
+    source: ImageSource,
+    *,
+    seed: int,
+    per_device_batch: int,
+    image_size: int = 224,
+    start_step: int = 0,
+    num_steps: int | None = None,
+    local_devices: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+    num_parallel_calls: int | None = None,
+    threads: int | None = None,
+    include_ids: bool = False,
+    stream: str = "supervised",
+) -> Iterator[dict]:
+    """Shuffled, augmented ``{'image', 'label'}`` batches, one per step (batch ``k`` at step ``k``).
+
+    Used for the final target fine-tuning stage (``stream="supervised"``) and, through
+    :func:`auxiliary_stream`, for auxiliary-only training. Same determinism as the meta stream;
+    ``stream`` names the independent random stream (``"target"`` reproduces the meta stream's
+    target batch sequence, T_i/T_j at step k being its batches 2k and 2k + 1). Arguments as in
+    :func:`meta_train_stream`.
+    """
+    _check_steps(start_step, num_steps)
+    layout = default_layout(per_device_batch, local_devices, process_index, process_count)
+    ds = _shuffled_dataset(
+        source, stream, seed, layout, image_size, start_step, num_steps, num_parallel_calls, threads, include_ids
+    )
+    return _numpy_iterator(ds, prefetch)
+
+
+def auxiliary_stream(
+    source: ImageSource, *, selected_ids=None, **kwargs
+) -> Iterator[dict]:
+    """The auxiliary S stream on its own, optionally restricted to ``selected_ids``.
+
+    With the same seed and source it yields exactly the S batches of :func:`meta_train_stream`.
+    """
+    if selected_ids is not None:
+        source = source.select(selected_ids)
+    return supervised_stream(source, stream="auxiliary", **kwargs)
+
+
+def num_eval_batches(num_examples: int, layout: BatchLayout) -> int:
+    """Global batches needed to see ``num_examples`` once (the last one padded)."""
+    return -(-num_examples // layout.global_batch)
+
+
+def eval_stream(
+    source: ImageSource,
+    *,
+    per_device_batch: int,
+    image_size: int = 224,
+    local_devices: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    prefetch: int = 2,
+    num_parallel_calls: int | None = None,
+    threads: int | None = None,
+) -> Iterator[dict]:
+    """Every example of ``source`` exactly once, in source order, centre-cropped.
+
+    Yields ``{'image', 'label', 'mask', 'id'}`` shaped ``[local_devices, per_device_batch, ...]``;
+    the last global batch is padded with copies of example 0 whose ``mask`` is False. Each
+    process reads its slice of every global batch, so across processes each example appears once
+    with mask True. All processes yield the same number of batches (needed by collectives).
+    """
+    layout = default_layout(per_device_batch, local_devices, process_index, process_count)
+    num_examples = len(source)
+
+    def plan(batch: int):
+        positions = layout.local_positions(batch)
+        mask = positions < num_examples
+        positions = np.where(mask, positions, 0)
+        return positions, np.zeros((len(positions), 2), dtype=np.int64), mask
+
+    if num_examples == 0:
+        return iter(())
+    ds = _dataset(
+        source, plan, layout, 0, num_eval_batches(num_examples, layout),
+        lambda encoded, key: preprocess_eval(encoded, image_size),
+        ("image", "label", "mask", "id"), num_parallel_calls, threads,
+    )
+    return _numpy_iterator(ds, prefetch)
