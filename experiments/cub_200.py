@@ -1,0 +1,160 @@
+r"""MetaFGNet on CUB-200-2011 (or Stanford Dogs): the whole pipeline, resumable.
+
+    python -m experiments.cub_200 --workdir DIR [--config experiments/configs/cub_200.py] [--config.key=value ...]
+    python -m experiments.cub_200 --demo --workdir DIR      # generated data, every stage, minutes on a CPU
+
+Stages: meta-train with all auxiliary data -> score and select auxiliary samples ->
+meta-train on the selection -> fine-tune on the target set -> test evaluation. Rerunning the
+same command after an interruption (Ctrl-C, SIGTERM, kill -9, power loss) resumes from the
+last checkpoint; completed stages are skipped. See experiments/pipeline.py for the workdir
+layout. All local devices are used (pmap); the global batch sizes are split across them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: keep its start-up chatter quiet
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "cub_200.py")
+_DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.py")
+
+
+def _with_demo_config(argv: list[str]) -> list[str]:
+    """``--demo`` without ``--config`` selects the demo config (before absl parses the flags)."""
+    demo = any(a in ("--demo", "--demo=true", "--demo=True") for a in argv)
+    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
+    # Before any --config.KEY=VALUE override: those apply to the config file named first.
+    return [argv[0], f"--config={_DEMO_CONFIG}", *argv[1:]] if demo and not has_config else argv
+
+
+def _check_override_keys(argv: list[str]) -> None:
+    """Exit with a one-line error for a --config.KEY override that the config does not have
+    (config_flags would raise with a traceback)."""
+    import importlib.util
+
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _DEFAULT_CONFIG)
+    if not os.path.exists(path):
+        print(f"error: --config={path}: no such file", file=sys.stderr)
+        sys.exit(2)
+    spec = importlib.util.spec_from_file_location("_fgnet_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for argument in argv:
+        if not argument.startswith("--config."):
+            continue
+        key = argument[len("--config."):].split("=", 1)[0]
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node.keys():
+                print(f"error: unknown config key {key!r} in {argument!r} (config file {path}); "
+                      f"see the file for the valid keys", file=sys.stderr)
+                sys.exit(2)
+            node = node[part]
+
+
+if __name__ == "__main__":
+    # config_flags reads sys.argv when the flag is defined, so the demo config is named first.
+    sys.argv[:] = _with_demo_config(sys.argv)
+    _check_override_keys(sys.argv)
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, selection and summary.")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Config file (ml_collections).")
+_DEMO = flags.DEFINE_bool(
+    "demo", False, "Generate a small CUB-format dataset and auxiliary set and run every stage "
+    "(uses experiments/configs/demo.py unless --config is given)."
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Continue a workdir that was started with a different config."
+)
+_DEVICES = flags.DEFINE_integer(
+    "simulate_cpu_devices", 0, "Split the CPU into this many devices (to try the data-parallel path on a CPU)."
+)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _demo_paths(workdir: str) -> dict[str, str]:
+    root = os.path.join(workdir, "demo_data")
+    return {"root": root, "manual": os.path.join(root, "manual"), "auxiliary": os.path.join(root, "auxiliary"),
+            "tfds": os.path.join(root, "tfds")}
+
+
+def use_demo_data(config, workdir: str) -> None:
+    """Point the config at the demo's generated data (written by :func:`write_demo_data`)."""
+    paths = _demo_paths(workdir)
+    config.data_dir = paths["tfds"]
+    config.manual_dir = paths["manual"]
+    config.auxiliary.name = "image_folder"
+    config.auxiliary.folder = paths["auxiliary"]
+
+
+def write_demo_data(config) -> None:
+    """Write the demo's CUB archive and auxiliary folder once (a marker file records completion)."""
+    from experiments.configs import demo
+    from fgnet_jax.data import write_synthetic_cub, write_synthetic_image_folder
+
+    root = os.path.dirname(config.manual_dir)
+    marker = os.path.join(root, "COMPLETE")
+    if os.path.exists(marker):
+        return
+    write_synthetic_cub(config.manual_dir, num_classes=demo.DEMO_TARGET_CLASSES,
+                        images_per_class=demo.DEMO_TARGET_IMAGES_PER_CLASS, image_size=64, as_tarball=True)
+    half = demo.DEMO_AUXILIARY_CLASSES // 2
+    images = demo.DEMO_AUXILIARY_IMAGES_PER_CLASS
+    # Related classes share the target classes' styles; unrelated ones come from far-off styles.
+    write_synthetic_image_folder(config.auxiliary.folder, num_classes=half, images_per_class=images, image_size=64,
+                                 seed=1, first_style=0, class_names=[f"related_{i:03d}" for i in range(half)])
+    write_synthetic_image_folder(config.auxiliary.folder, num_classes=half, images_per_class=images, image_size=64,
+                                 seed=2, first_style=1000, class_names=[f"unrelated_{i:03d}" for i in range(half)])
+    open(marker, "w").close()
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; options are --workdir, --config, --config.KEY=VALUE, --demo")
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    if not _WORKDIR.value:
+        _fail("--workdir is required (where checkpoints, logs and results go)")
+    if _DEVICES.value:
+        from fgnet_jax.cpu_devices import simulate_cpu_devices
+
+        simulate_cpu_devices(_DEVICES.value)
+    workdir = os.path.abspath(_WORKDIR.value)
+    config = _CONFIG.value
+    if _DEMO.value:
+        use_demo_data(config, workdir)
+
+    # Imported here: JAX must not start before --simulate_cpu_devices is applied.
+    import jax
+
+    from experiments import pipeline
+    from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError
+
+    try:
+        pipeline.validate_config(config, jax.local_device_count())  # before any work, demo data included
+        if _DEMO.value:
+            write_demo_data(config)
+        summary = pipeline.run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except DatasetNotFoundError as error:
+        _fail(f"{error} (or try the embedded demo: python -m experiments.cub_200 --demo --workdir DIR)")
+    except (pipeline.UsageError, CorruptImageError, DatasetFormatError) as error:
+        _fail(str(error))
+    except pipeline.NonFiniteLossError as error:
+        _fail(str(error), code=3)
+    except pipeline.Interrupted as error:
+        _fail(str(error), code=130)
+    print(pipeline.format_summary(summary))
+    print(f"summary: {os.path.join(workdir, 'summary.json')}  curves: {os.path.join(workdir, 'curves.png')}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,209 @@
+r"""Sample selection of auxiliary data (MetaFGNet, Sec. 3.3).
+
+Each auxiliary image is scored by the trained network in evaluation mode (centre crop):
+with :math:`a` the auxiliary-head logits (:math:`C_s`) and :math:`t` the target-head
+logits (:math:`C_t`),
+
+.. math::
+
+    z = \mathrm{ReLU}([a; t]), \qquad \hat z = z / \lVert z \rVert_2, \qquad
+    \mathrm{score} = \sum_{c=1}^{C_t} \hat z_{C_s + c},
+
+the share of the (rectified, normalised) response that falls on the target classes: high
+when the image looks more like the target task than like its own auxiliary class.
+(An all-non-positive logit vector scores 0.)
+
+Criteria: keep the top ``ratio`` fraction, the top ``k`` images, or every image with
+score >= ``threshold``. Ties are broken by example id, so the selection is deterministic.
+
+Outputs go to ``WORKDIR/selection/<tag>/`` where ``tag`` fingerprints the parameters that
+produced the scores; the directory is written under a temporary name and renamed into place
+only when complete, so an interrupted scoring run never leaves a partial selection, and a
+rerun with another checkpoint gets another tag and never reuses stale scores (the original
+code cached scores per image and never invalidated them).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "CRITERIA",
+    "selection_scores",
+    "score_step",
+    "pmap_score_step",
+    "select_ids",
+    "params_fingerprint",
+    "write_selection",
+    "load_selection",
+]
+
+CRITERIA = ("ratio", "top_k", "threshold")
+_SCORES_FILE = "scores.csv"
+_SELECTED_FILE = "selected_ids.txt"
+_INFO_FILE = "selection.json"
+_HISTOGRAM_FILE = "histogram.png"
+
+
+def selection_scores(target_logits: jax.Array, auxiliary_logits: jax.Array) -> jax.Array:
+    """The authors' score per example (see the module docstring); shape ``(N,)``."""
+    rectified = jax.nn.relu(jnp.concatenate([auxiliary_logits, target_logits], axis=-1).astype(jnp.float32))
+    norm = jnp.linalg.norm(rectified, axis=-1, keepdims=True)
+    normalised = rectified / jnp.where(norm > 0, norm, 1.0)
+    return normalised[:, auxiliary_logits.shape[-1]:].sum(axis=-1)
+
+
+def score_step(params, batch_stats, batch: Mapping[str, jax.Array], *, model) -> jax.Array:
+    """Scores of one batch: eval-mode BatchNorm, one backbone pass shared by both heads."""
+    target_logits, auxiliary_logits = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"], train=False)
+    return selection_scores(target_logits, auxiliary_logits)
+
+
+def pmap_score_step(model, axis_name: str = "batch"):
+    """``score_step`` over local devices (params and statistics replicated, batch sharded)."""
+    return jax.pmap(functools.partial(score_step, model=model), axis_name=axis_name)
+
+
+def select_ids(ids: Sequence[str], scores: np.ndarray, criterion: str, value: float) -> list[str]:
+    """The ids kept by ``criterion`` (``ratio`` in (0, 1], ``top_k`` >= 1, ``threshold``), best first."""
+    ids = [str(i) for i in ids]
+    scores = np.asarray(scores, np.float64)
+    if len(ids) != len(scores):
+        raise ValueError(f"{len(ids)} ids but {len(scores)} scores")
+    if len(set(ids)) != len(ids):
+        raise ValueError("example ids must be unique")
+    # Highest score first; ties by id (np.lexsort sorts by the last key first).
+    order = np.lexsort((np.asarray(ids), -scores))
+    if criterion == "ratio":
+        if not 0 < value <= 1:
+            raise ValueError(f"selection ratio must be in (0, 1], got {value}")
+        keep = int(round(value * len(ids)))
+    elif criterion == "top_k":
+        if value < 1 or int(value) != value:
+            raise ValueError(f"top_k must be a positive integer, got {value}")
+        keep = min(int(value), len(ids))
+    elif criterion == "threshold":
+        keep = int((scores >= value).sum())
+    else:
+        raise ValueError(f"unknown selection criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    return [ids[i] for i in order[:keep]]
+
+
+def params_fingerprint(*trees: Any) -> str:
+    """A short content hash of the arrays in ``trees`` (which checkpoint made the scores)."""
+    digest = hashlib.sha256()
+    for tree in trees:
+        for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree)):
+            array = np.ascontiguousarray(np.asarray(leaf))
+            digest.update(jax.tree_util.keystr(path).encode())
+            digest.update(str((array.dtype, array.shape)).encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _selection_dir(workdir: str, tag: str) -> str:
+    return os.path.join(workdir, "selection", tag)
+
+
+def _write_histogram(path: str, scores: np.ndarray, cutoff: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    axis.hist(scores, bins=min(50, max(5, len(scores) // 5)), color="tab:blue")
+    if cutoff is not None:
+        axis.axvline(cutoff, color="tab:red", linestyle="--", label=f"selection cut-off {cutoff:.3f}")
+        axis.legend()
+    axis.set_xlabel("score (target share of normalised ReLU logits)")
+    axis.set_ylabel("auxiliary images")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_selection(
+    workdir: str,
+    tag: str,
+    ids: Sequence[str],
+    scores: np.ndarray,
+    selected: Sequence[str],
+    info: Mapping[str, Any],
+) -> str:
+    """Write scores, selected ids, a histogram and ``info`` atomically; returns the directory.
+
+    An existing selection with the same tag is left as it is (same parameters, same scores).
+    """
+    final = _selection_dir(workdir, tag)
+    if os.path.isdir(final):
+        return final
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{tag}.tmp-", dir=parent)
+    try:
+        scores = np.asarray(scores, np.float64)
+        with open(os.path.join(staging, _SCORES_FILE), "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["id", "score"])
+            writer.writerows((example_id, f"{score:.9g}") for example_id, score in zip(ids, scores))
+        with open(os.path.join(staging, _SELECTED_FILE), "w") as handle:
+            handle.writelines(f"{example_id}\n" for example_id in selected)
+        score_of = dict(zip(map(str, ids), scores))
+        cutoff = min(score_of[s] for s in selected) if selected else None
+        _write_histogram(os.path.join(staging, _HISTOGRAM_FILE), scores, cutoff)
+        record = dict(info, tag=tag, num_scored=len(ids), num_selected=len(selected),
+                      selected_fraction=len(selected) / max(len(ids), 1))
+        with open(os.path.join(staging, _INFO_FILE), "w") as handle:
+            json.dump(record, handle, indent=2, sort_keys=True)
+        for name in os.listdir(staging):
+            with open(os.path.join(staging, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        os.rename(staging, final)  # atomic: the selection appears whole or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def load_selection(workdir: str, tag: str) -> dict[str, Any] | None:
+    """The selection made by the parameters with ``tag``, or None if there is none yet."""
+    directory = _selection_dir(workdir, tag)
+    if not os.path.isdir(directory):
+        return None
+    with open(os.path.join(directory, _INFO_FILE)) as handle:
+        info = json.load(handle)
+    with open(os.path.join(directory, _SELECTED_FILE)) as handle:
+        selected = [line.rstrip("\n") for line in handle if line.strip()]
+    with open(os.path.join(directory, _SCORES_FILE), newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return {
+        "directory": directory,
+        "info": info,
+        "selected": selected,
+        "ids": [row[0] for row in rows],
+        "scores": np.asarray([float(row[1]) for row in rows]),
+    }
+
+
+def scored_ids(batches: Iterable[Mapping[str, Any]], scores: Iterable[np.ndarray]) -> tuple[list[str], np.ndarray]:
+    """Flatten per-batch ``(ids, mask)`` and device scores into one list, dropping padding."""
+    all_ids: list[str] = []
+    all_scores: list[np.ndarray] = []
+    for batch, batch_scores in zip(batches, scores):
+        mask = np.asarray(batch["mask"]).reshape(-1) > 0
+        ids = np.asarray(batch["id"]).reshape(-1)
+        all_ids.extend(i.decode() if isinstance(i, bytes) else str(i) for i in ids[mask])
+        all_scores.append(np.asarray(batch_scores).reshape(-1)[mask])
+    return all_ids, (np.concatenate(all_scores) if all_scores else np.zeros(0))

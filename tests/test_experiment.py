@@ -1,0 +1,171 @@
+"""The experiment script end to end: the demo pipeline, bad input, kill -9 and resume.
+
+The runs are real subprocesses of ``python -m experiments.cub_200 --demo`` at a tiny size.
+They share a persistent JAX compilation cache, so the uninterrupted, killed and resumed runs
+execute the same compiled programs (and the later runs skip compilation).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--config.meta_train.steps=8",
+    "--config.meta_train.milestones=(6,)",
+    "--config.meta_train_selected.steps=4",
+    "--config.meta_train_selected.milestones=()",
+    "--config.finetune.epochs=1",
+    "--config.finetune.milestone_epochs=()",
+    "--config.target_batch=8",
+    "--config.auxiliary_batch=8",
+    "--config.eval_batch=32",
+    "--config.finetune.batch=16",
+    "--config.log_every=2",
+    "--config.eval_every=4",
+    "--config.checkpoint_every=2",
+]
+
+
+def run_demo(workdir, cache_dir, *extra, wait=True):
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's plain CPU run
+    command = [sys.executable, "-m", "experiments.cub_200", "--demo", f"--workdir={workdir}", *TINY, *extra]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return process
+    stdout, stderr = process.communicate(timeout=900)
+    return process.returncode, stdout, stderr
+
+
+def final_params(workdir):
+    """The fine-tuning stage's last checkpoint, as flat numpy arrays."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    latest = workdir / "finetune" / "latest"
+    step = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(latest / str(step) / "state")
+    leaves = jax.tree_util.tree_leaves_with_path(state["params"])
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """One uninterrupted tiny demo run (its outputs are checked, and the resumed run must match)."""
+    base = tmp_path_factory.mktemp("experiment")
+    workdir, cache = base / "uninterrupted", base / "jax_cache"
+    code, stdout, stderr = run_demo(workdir, cache)
+    assert code == 0, stderr[-3000:]
+    return base, workdir, cache, stdout
+
+
+def test_demo_runs_every_stage_and_writes_summary(reference_run):
+    _, workdir, _, stdout = reference_run
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == {"meta_train": 8, "selection": 0, "meta_train_selected": 4, "finetune": summary["steps"]["finetune"]}
+    assert summary["steps"]["finetune"] >= 1
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and 0.0 <= summary["val_accuracy"] <= 1.0
+    assert summary["method"] == "hvp_jvp"
+    assert summary["selected_fraction"] == pytest.approx(0.8, abs=0.01)
+    assert summary["num_test"] > 0 and summary["num_validation"] > 0
+    for stage in ("meta_train", "meta_train_selected", "finetune"):
+        assert (workdir / stage / "result.json").exists()
+    assert (workdir / "curves.png").stat().st_size > 0
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in records} == {"meta_train", "meta_train_selected", "finetune"}
+    assert any("val_accuracy" in r for r in records)
+    (selection_dir,) = list((workdir / "selection").iterdir())
+    selected = (selection_dir / "selected_ids.txt").read_text().split()
+    assert len(selected) == round(0.8 * summary["num_auxiliary"])
+    assert "test top-1" in stdout
+
+
+def test_rerun_of_finished_workdir_skips_all_work(reference_run):
+    base, workdir, cache, _ = reference_run
+    before = (workdir / "summary.json").read_text()
+    started = time.time()
+    code, stdout, stderr = run_demo(workdir, cache)
+    assert code == 0, stderr[-3000:]
+    after = json.loads((workdir / "summary.json").read_text())
+    assert after["test_accuracy"] == json.loads(before)["test_accuracy"]
+    assert "resuming" not in stderr
+    assert time.time() - started < 120
+
+
+def test_kill_minus_nine_then_resume_matches_uninterrupted(reference_run):
+    base, reference, cache, _ = reference_run
+    workdir = base / "killed"
+    process = run_demo(workdir, cache, wait=False)
+    # Wait until meta-training has checkpointed at least once and moved past it, then kill -9.
+    checkpoint_dir = workdir / "meta_train" / "latest"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        steps = [int(p.name) for p in checkpoint_dir.glob("*") if p.name.isdigit()] if checkpoint_dir.exists() else []
+        if steps and min(steps) >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert not (workdir / "meta_train" / "result.json").exists()
+
+    code, stdout, stderr = run_demo(workdir, cache)
+    assert code == 0, stderr[-3000:]
+    assert "meta_train: resuming from step" in stderr
+    resumed = json.loads((workdir / "summary.json").read_text())
+    expected = json.loads((reference / "summary.json").read_text())
+    for key in ("test_accuracy", "test_top5", "val_accuracy", "selected_fraction", "steps"):
+        assert resumed[key] == expected[key], key
+    resumed_params, expected_params = final_params(workdir), final_params(reference)
+    assert resumed_params.keys() == expected_params.keys()
+    for name in expected_params:
+        np.testing.assert_array_equal(resumed_params[name], expected_params[name], err_msg=name)
+    # The metrics log holds each step once, as if never interrupted.
+    records = [(r["stage"], r["step"], "val_accuracy" in r) for r in
+               map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
+    assert len(records) == len(set(records))
+
+
+def test_workdir_of_another_config_is_refused(reference_run):
+    base, workdir, cache, _ = reference_run
+    code, _, stderr = run_demo(workdir, cache, "--config.meta.inner_lr=0.5")
+    assert code == 2
+    assert "another config" in stderr and "meta.inner_lr" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.meta.method=second_order", "config.meta.method='second_order'"),
+        ("--config.optimizer.backbone_lr=-0.1", "config.optimizer.backbone_lr=-0.1: must be >= 0"),
+        ("--config.no_such_key=1", "no_such_key"),
+    ],
+)
+def test_bad_config_is_one_line_error_before_any_work(tmp_path, override, message):
+    code, _, stderr = run_demo(tmp_path / "run", tmp_path / "cache", override)
+    assert code != 0
+    assert message in stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "run" / "meta_train").exists()
+
+
+def test_missing_dataset_names_the_file_and_suggests_demo(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("XLA_FLAGS", None)
+    command = [sys.executable, "-m", "experiments.cub_200", f"--workdir={tmp_path / 'run'}",
+               f"--config.data_dir={tmp_path / 'tfds'}", f"--config.auxiliary.folder={tmp_path / 'aux'}"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "CUB_200_2011.tgz" in last_line and "--demo" in last_line
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,76 @@
+"""Sample selection: the authors' score, the criteria, atomic outputs tagged by checkpoint."""
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgnet_jax import selection
+from fgnet_jax.selection import load_selection, params_fingerprint, select_ids, selection_scores, write_selection
+
+
+def test_score_matches_numpy_formula():
+    rng = np.random.default_rng(0)
+    target, auxiliary = rng.normal(size=(6, 4)), rng.normal(size=(6, 9))
+    target[0] = -1.0
+    auxiliary[0] = -2.0  # all logits negative: score 0, not NaN
+    z = np.maximum(np.concatenate([auxiliary, target], axis=1), 0)
+    norms = np.linalg.norm(z, axis=1, keepdims=True)
+    expected = (z / np.where(norms > 0, norms, 1))[:, 9:].sum(1)
+    scores = selection_scores(jnp.asarray(target, jnp.float32), jnp.asarray(auxiliary, jnp.float32))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-7)
+    assert scores[0] == 0.0
+    # Scaling all logits by a positive factor leaves the score unchanged (L2 normalisation).
+    np.testing.assert_allclose(selection_scores(3 * jnp.asarray(target), 3 * jnp.asarray(auxiliary)), scores, rtol=1e-5)
+
+
+def test_criteria():
+    ids = ["a", "b", "c", "d", "e"]
+    scores = np.array([0.1, 0.9, 0.5, 0.5, 0.3])
+    assert select_ids(ids, scores, "ratio", 0.8) == ["b", "c", "d", "e"]
+    assert select_ids(ids, scores, "top_k", 2) == ["b", "c"]  # tie c/d broken by id
+    assert select_ids(ids, scores, "threshold", 0.5) == ["b", "c", "d"]
+    with pytest.raises(ValueError, match="ratio must be in"):
+        select_ids(ids, scores, "ratio", 1.5)
+    with pytest.raises(ValueError, match="unknown selection criterion"):
+        select_ids(ids, scores, "best", 1)
+    with pytest.raises(ValueError, match="unique"):
+        select_ids(["a", "a"], scores[:2], "ratio", 1.0)
+
+
+def test_fingerprint_changes_with_any_parameter():
+    params = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    same = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    changed = {"w": np.ones((3, 2), np.float32), "b": np.array([0, 1e-7], np.float32)}
+    assert params_fingerprint(params) == params_fingerprint(same)
+    assert params_fingerprint(params) != params_fingerprint(changed)
+
+
+def test_write_is_atomic_and_tagged(tmp_path, monkeypatch):
+    workdir = str(tmp_path)
+    ids = [f"img{i}" for i in range(20)]
+    scores = np.linspace(0, 1, 20)
+    selected = select_ids(ids, scores, "ratio", 0.5)
+    first = write_selection(workdir, "tag-one", ids, scores, selected, {"checkpoint": "stage1/step10"})
+    loaded = load_selection(workdir, "tag-one")
+    assert loaded["selected"] == selected
+    assert loaded["ids"] == ids
+    np.testing.assert_allclose(loaded["scores"], scores)
+    assert loaded["info"]["selected_fraction"] == 0.5 and loaded["info"]["checkpoint"] == "stage1/step10"
+    assert os.path.getsize(os.path.join(first, "histogram.png")) > 0
+
+    # Another checkpoint: nothing is reused.
+    assert load_selection(workdir, "tag-two") is None
+
+    # A crash in the middle of writing leaves neither a partial selection nor a temp dir,
+    # and the earlier selection untouched.
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(selection, "_write_histogram", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_selection(workdir, "tag-two", ids, scores[::-1], selected, {})
+    assert load_selection(workdir, "tag-two") is None
+    assert sorted(os.listdir(tmp_path / "selection")) == ["tag-one"]
+    assert load_selection(workdir, "tag-one")["selected"] == selected
