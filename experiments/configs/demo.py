@@ -10,9 +10,9 @@ short; the pipeline, data reading, checkpoints and selection are the real ones.
 
 from experiments.configs import cub_200
 
-DEMO_TARGET_CLASSES = 10
-DEMO_TARGET_IMAGES_PER_CLASS = 24
-DEMO_AUXILIARY_CLASSES = 20
+DEMO_TARGET_CLASSES = 30
+DEMO_TARGET_IMAGES_PER_CLASS = 20
+DEMO_AUXILIARY_CLASSES = 40
 DEMO_AUXILIARY_IMAGES_PER_CLASS = 12
 
 
