@@ -2,9 +2,9 @@
 
     python -m experiments.cub_200 --demo --workdir /tmp/fgnet_demo
 
-``--demo`` writes a small CUB_200_2011.tgz (10 classes) and an image-folder auxiliary set
-(20 classes: 10 drawn like the target classes, 10 unlike any) under WORKDIR/demo_data, then
-runs this config. ResNet-10 (one basic block per stage) at 32 px keeps compilation and steps
+``--demo`` writes a small CUB_200_2011.tgz (30 classes, 20 images each, half train) and an
+image-folder auxiliary set (40 classes of 12: 20 drawn like the target classes, 20 unlike
+any) under WORKDIR/demo_data, then runs this config. ResNet-10 (one basic block per stage) at 32 px keeps compilation and steps
 short; the pipeline, data reading, checkpoints and selection are the real ones.
 """
 
