@@ -1,0 +1,79 @@
+"""PyTorch eager baseline of the authors' meta-gradient (needs ``pip install fgnet_jax[torch]``).
+
+    python -m benchmarks.torch_baseline [--depth 18] [--image_size 96] [--batch 32] [--repeats 3]
+
+The authors' algorithm, as their PyTorch code runs it: deep-copy the model, one plain SGD
+step on T_i on the copy, G = grad of L(T_j) at the copy; for the exact meta-gradient, the
+T_i forward/backward again on the original with ``create_graph=True`` and Eq. 5,
+H G = grad < G, g(theta) >; meta-gradient G - eta H G. BatchNorm in training mode throughout.
+Time per meta-gradient (median of ``--repeats`` after one warm-up), on the same shapes as
+``benchmarks.meta_step --scope meta`` so the two can be compared in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+
+def authors_meta_gradient(model, inner, outer, inner_lr: float, exact: bool):
+    import torch
+    import torch.nn.functional as F
+
+    params = list(model.parameters())
+    adapted = copy.deepcopy(model)
+    inner_loss = F.cross_entropy(adapted(inner[0]), inner[1])
+    inner_grads = torch.autograd.grad(inner_loss, list(adapted.parameters()))
+    with torch.no_grad():
+        for p, g in zip(adapted.parameters(), inner_grads):
+            p.sub_(inner_lr * g)
+    outer_loss = F.cross_entropy(adapted(outer[0]), outer[1])
+    outer_grads = torch.autograd.grad(outer_loss, list(adapted.parameters()))
+    if not exact:
+        return outer_grads
+    # Eq. 5: H G = d/dtheta < stop_grad(G), g(theta) >, with g recomputed with a graph.
+    grads_with_graph = torch.autograd.grad(F.cross_entropy(model(inner[0]), inner[1]), params, create_graph=True)
+    hessian_times_g = torch.autograd.grad(grads_with_graph, params, grad_outputs=outer_grads)
+    return [g - inner_lr * hg for g, hg in zip(outer_grads, hessian_times_g)]
+
+
+def main(argv=None) -> None:
+    import torch
+
+    from fgnet_jax.torch_reference import torch_resnet
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=18)
+    parser.add_argument("--image_size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = torch_resnet(args.depth, 200).to(device).train()
+    shape = (args.batch, 3, args.image_size, args.image_size)
+    inner = (torch.randn(shape, device=device), torch.randint(0, 200, (args.batch,), device=device))
+    outer = (torch.randn(shape, device=device), torch.randint(0, 200, (args.batch,), device=device))
+    print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
+    for exact in (False, True):
+        samples = []
+        for repeat in range(args.repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            authors_meta_gradient(model, inner, outer, 0.01, exact)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if repeat:  # the first call warms up
+                samples.append(time.perf_counter() - start)
+        seconds = statistics.median(samples)
+        print(f"torch R-{args.depth} {args.image_size}px b{args.batch} {'exact' if exact else 'first_order':<12} "
+              f"{1e3 * seconds:9.1f} ms  {args.batch * 2 / seconds:8.1f} target images/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
