@@ -77,6 +77,17 @@ _DEVICES = flags.DEFINE_integer(
 )
 
 
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "off", ["off", "auto", "on"],
+    "Multi-process run on JAX's distributed runtime: 'on' needs --coordinator_address, --num_processes and "
+    "--process_id; 'auto' lets jax.distributed.initialize() read them from the cluster (Slurm, Open MPI, Cloud TPU, "
+    "...), flags given override. 'off' (default) is one process unless those three flags are given.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0's coordinator service (the same on every process).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+
+
 def _fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
@@ -128,6 +139,12 @@ def main(argv) -> None:
         from fgnet_jax.cpu_devices import simulate_cpu_devices
 
         simulate_cpu_devices(_DEVICES.value)
+    from fgnet_jax import distributed
+
+    try:
+        distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except distributed.DistributedError as error:
+        _fail(str(error))
     workdir = os.path.abspath(_WORKDIR.value)
     config = _CONFIG.value
     if _DEMO.value:
@@ -140,9 +157,16 @@ def main(argv) -> None:
     from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError
 
     try:
-        pipeline.validate_config(config, jax.local_device_count())  # before any work, demo data included
+        try:  # every process runs the same config on the same topology
+            distributed.check_agreement(config, {"workdir": workdir})
+        except distributed.DistributedError as error:
+            raise pipeline.UsageError(str(error)) from None
+        # Before any work, demo data included; the global batches divide over every process's devices.
+        pipeline.validate_config(config, jax.device_count())
         if _DEMO.value:
-            write_demo_data(config)
+            if distributed.is_chief():
+                write_demo_data(config)
+            distributed.barrier("demo data written")
         summary = pipeline.run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except DatasetNotFoundError as error:
         _fail(f"{error} (or try the embedded demo: python -m experiments.cub_200 --demo --workdir DIR)")
@@ -152,6 +176,8 @@ def main(argv) -> None:
         _fail(str(error), code=3)
     except pipeline.Interrupted as error:
         _fail(str(error), code=130)
+    if not distributed.is_chief():
+        return  # process 0 reports
     print(pipeline.format_summary(summary))
     print(f"summary: {os.path.join(workdir, 'summary.json')}  curves: {os.path.join(workdir, 'curves.png')}")
 

@@ -34,6 +34,7 @@ import numpy as np
 from flax import jax_utils
 
 from fgnet_jax import data as data_lib
+from fgnet_jax import distributed
 from fgnet_jax import selection as selection_lib
 from fgnet_jax.checkpoint import StageCheckpointer
 from fgnet_jax.meta import METHODS
@@ -72,7 +73,11 @@ class Interrupted(RuntimeError):
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    """Raise UsageError (one line) for the first bad value, before any work is done."""
+    """Raise UsageError (one line) for the first bad value, before any work is done.
+
+    ``num_devices`` is the global device count (``jax.device_count()``, every process's
+    devices): the global batch sizes are split over all of them.
+    """
 
     def require(condition: bool, message: str) -> None:
         if not condition:
@@ -101,9 +106,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     for name in ("target_batch", "auxiliary_batch", "eval_batch"):
         value = config[name]
         require(value >= 1 and value % num_devices == 0,
-                f"config.{name}={value} does not divide over {num_devices} device(s): use a positive multiple of {num_devices}")
+                f"config.{name}={value} does not divide over {num_devices} device(s){_across()}: "
+                f"use a positive multiple of {num_devices}")
     require(config.finetune.batch >= 1 and config.finetune.batch % num_devices == 0,
-            f"config.finetune.batch={config.finetune.batch} does not divide over {num_devices} device(s): "
+            f"config.finetune.batch={config.finetune.batch} does not divide over {num_devices} device(s){_across()}: "
             f"use a positive multiple of {num_devices}")
     for stage in META_STAGES:
         steps, milestones = config[stage].steps, tuple(config[stage].milestones)
@@ -124,6 +130,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         require(config[name] >= 1, f"config.{name}={config[name]}: must be >= 1")
 
 
+def _across() -> str:
+    count = jax.process_count()
+    return "" if count == 1 else f" across {count} processes"
+
+
 def _write_json_atomic(path: str, payload: Any) -> None:
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w") as handle:
@@ -140,9 +151,11 @@ def _read_json(path: str) -> Any | None:
         return json.load(handle)
 
 
-def claim_workdir(workdir: str, config: ml_collections.ConfigDict, allow_config_change: bool) -> None:
+def claim_workdir(workdir: str, config: ml_collections.ConfigDict, allow_config_change: bool,
+                  write: bool = True) -> None:
     """Record the config in a new workdir; refuse a workdir that belongs to another config."""
-    os.makedirs(workdir, exist_ok=True)
+    if write:
+        os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json())
     recorded = _read_json(path)
@@ -152,7 +165,7 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict, allow_config_
             f"{workdir} holds a run with another config (differs in {', '.join(changed[:5])}"
             f"{', ...' if len(changed) > 5 else ''}): use another --workdir, or pass --allow_config_change to continue it"
         )
-    if recorded != current:
+    if recorded != current and write:
         _write_json_atomic(path, current)
 
 
@@ -173,7 +186,7 @@ class Context:
     model: MetaFGNet
     target: Any  # fgnet_jax.data.TargetData
     auxiliary: Any  # fgnet_jax.data.ImageSource
-    num_devices: int
+    num_devices: int  # global (all processes): batch sizes are split over these
     logger: "MetricLogger"
     stop: "StopFlag"
     is_chief: bool = True
@@ -280,17 +293,25 @@ def score_auxiliary(ctx: Context, params, batch_stats) -> tuple[list[str], np.nd
     layout = data_lib.default_layout(per_device)
     score_fn = selection_lib.pmap_score_step(ctx.model, AXIS)
     params_r, stats_r = jax_utils.replicate(params), jax_utils.replicate(batch_stats)
-    ids: list[str] = []
-    scores: list[np.ndarray] = []
     total = data_lib.num_eval_batches(len(ctx.auxiliary), layout)
+    if total == 0:
+        return [], np.zeros(0, np.float32)
+    scores: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     with _progress("score auxiliary", total, 0, ctx.is_chief) as bar:
         for batch in data_lib.eval_stream(ctx.auxiliary, per_device_batch=per_device, image_size=ctx.config.image_size):
-            batch_scores = np.asarray(score_fn(params_r, stats_r, {"image": batch["image"]})).reshape(-1)
-            mask = np.asarray(batch["mask"]).reshape(-1).astype(bool)
-            ids.extend(i.decode() if isinstance(i, bytes) else str(i) for i in np.asarray(batch["id"]).reshape(-1)[mask])
-            scores.append(batch_scores[mask])
+            scores.append(np.asarray(score_fn(params_r, stats_r, {"image": batch["image"]})).reshape(-1))
+            masks.append(np.asarray(batch["mask"]).reshape(-1).astype(bool))
             bar.update(1)
-    return ids, np.concatenate(scores)
+    # Each process scored its slice of every global batch: gather and restore the global
+    # (source) order. Global position p < len(source) is example p, so the ids are the source's.
+    scores_all = distributed.merge_eval_slices(np.concatenate(scores), total)
+    mask_all = distributed.merge_eval_slices(np.concatenate(masks), total)
+    count = len(ctx.auxiliary)
+    if not mask_all[:count].all() or mask_all[count:].any():
+        raise RuntimeError("auxiliary scoring: the gathered batches do not cover the source once, in order")
+    ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ctx.auxiliary.ids]
+    return ids, scores_all[:count]
 
 
 # ------------------------------------------------------------------------------------------
@@ -347,8 +368,9 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
             batch = _device_batch(batch)
             replicated, metrics = spec.step_fn(replicated, batch)
             bar.update(1)
+            stop_now = _stop_requested(ctx, step)
             must_check = step % config.log_every == 0 or step % config.checkpoint_every == 0 or step == spec.steps
-            if must_check or ctx.stop.requested or step % config.eval_every == 0:
+            if must_check or stop_now or step % config.eval_every == 0:
                 host_metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
                 if not all(math.isfinite(v) for v in host_metrics.values()):
                     raise NonFiniteLossError(
@@ -366,9 +388,9 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
                     bar.set_postfix(loss=f"{host_metrics['loss']:.3f}", val=f"{val['accuracy']:.3f}", refresh=False)
                     host_state = jax.device_get(jax_utils.unreplicate(replicated))
                     checkpointer.save_if_best(step, host_state, val["accuracy"], meta={"stage": spec.name})
-            if step % config.checkpoint_every == 0 or step == spec.steps or ctx.stop.requested:
+            if step % config.checkpoint_every == 0 or step == spec.steps or stop_now:
                 save(step, replicated)
-            if ctx.stop.requested:
+            if stop_now:
                 raise Interrupted(f"{spec.name}: stopped at step {step}; checkpoint saved, rerun the same command to resume")
     if spec.steps == start:  # nothing left to do (e.g. 0 steps): keep the starting state
         save(start, replicated)
@@ -380,8 +402,21 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         "best_step": checkpointer.best_step(),
         "val_accuracy": None if best is None else best["val_accuracy"],
     }
-    _write_json_atomic(result_path, result)
+    if ctx.is_chief:
+        _write_json_atomic(result_path, result)
+    distributed.barrier(f"{spec.name}: complete")
     return _stage_output(checkpointer, template), result
+
+
+def _stop_requested(ctx: Context, step: int) -> bool:
+    """Whether to checkpoint and stop after ``step``. With several processes they must stop
+    together (checkpoints are saved collectively), so a signal received by any process is
+    shared at the next ``log_every`` step."""
+    if jax.process_count() == 1:
+        return ctx.stop.requested
+    if step % ctx.config.log_every:
+        return False
+    return bool(distributed.allgather(np.asarray([ctx.stop.requested])).any())
 
 
 def _stage_output(checkpointer: StageCheckpointer, template: TrainState) -> TrainState:
@@ -404,11 +439,37 @@ def _format(metrics: dict[str, float]) -> str:
 
 
 def build_context(config, workdir, stop, allow_config_change) -> Context:
-    num_devices = jax.local_device_count()
+    """Devices, data and model of a run. In a multi-process run every process calls this
+    (collectively): the processes must agree on config and workdir, process 0 prepares
+    shared files (workdir record, dataset builds, index caches) before the others read them,
+    and each process later reads only its shard of every batch."""
+    try:
+        distributed.check_agreement(config, {"workdir": workdir, "allow_config_change": allow_config_change})
+    except distributed.DistributedError as error:
+        raise UsageError(str(error)) from None
+    num_devices = jax.device_count()
     validate_config(config, num_devices)
     is_chief = jax.process_index() == 0
+    # Every process checks the record (the same outcome everywhere: process 0 only writes
+    # it when it is absent or the change is allowed); only process 0 writes.
+    claim_workdir(workdir, config, allow_config_change, write=is_chief)
+    if not is_chief:
+        distributed.barrier("datasets prepared")  # process 0 builds/caches first
+    target, auxiliary = _load_data(config, workdir)
     if is_chief:
-        claim_workdir(workdir, config, allow_config_change)
+        distributed.barrier("datasets prepared")
+    model = MetaFGNet(
+        config.model.depth,
+        len(target.class_names),
+        auxiliary.num_classes,
+        axis_name=AXIS,
+        remat=config.model.remat,
+        dtype=DTYPES[config.model.dtype],
+    )
+    return Context(config, workdir, model, target, auxiliary, num_devices, MetricLogger(workdir, is_chief), stop, is_chief)
+
+
+def _load_data(config, workdir):
     target = data_lib.load_target(
         config.dataset,
         data_dir=config.data_dir or None,
@@ -425,15 +486,7 @@ def build_context(config, workdir, stop, allow_config_change) -> Context:
         on_corrupt=config.on_corrupt,
         cache_dir=os.path.join(workdir, "index_cache"),
     )
-    model = MetaFGNet(
-        config.model.depth,
-        len(target.class_names),
-        auxiliary.num_classes,
-        axis_name=AXIS,
-        remat=config.model.remat,
-        dtype=DTYPES[config.model.dtype],
-    )
-    return Context(config, workdir, model, target, auxiliary, num_devices, MetricLogger(workdir, is_chief), stop, is_chief)
+    return target, auxiliary
 
 
 def initial_variables(ctx: Context) -> dict:
@@ -563,6 +616,7 @@ def selection_stage(ctx: Context, state: TrainState) -> tuple[Any, dict]:
     config = ctx.config
     params, stats = jax.device_get((state.params, state.batch_stats))
     tag = selection_lib.params_fingerprint(params, stats)
+    distributed.barrier("selection: lookup")  # every process sees the same selection directory
     existing = selection_lib.load_selection(ctx.workdir, tag)
     started = time.time()
     if existing is None:
@@ -570,8 +624,9 @@ def selection_stage(ctx: Context, state: TrainState) -> tuple[Any, dict]:
         selected = selection_lib.select_ids(ids, scores, config.selection.criterion, config.selection.value)
         info = {"criterion": config.selection.criterion, "value": config.selection.value,
                 "checkpoint_step": int(state.step), "wall_seconds": time.time() - started}
-        if ctx.is_chief:
+        if ctx.is_chief:  # scores gathered from every process: each holds the same selection
             selection_lib.write_selection(ctx.workdir, tag, ids, scores, selected, info)
+        distributed.barrier("selection: written")
         existing = {"selected": selected, "info": dict(info, num_scored=len(ids), num_selected=len(selected),
                                                       selected_fraction=len(selected) / max(len(ids), 1))}
     if not existing["selected"]:
@@ -616,7 +671,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
         "stages": stages,
         "steps": {name: stage["steps"] for name, stage in stages.items()},
         "wall_seconds": {name: stage["wall_seconds"] for name, stage in stages.items()},
-        "hardware": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})",
+        "hardware": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
+                    + ("" if jax.process_count() == 1 else f", {jax.process_count()} processes"),
         "model": f"ResNet-{config.model.depth} {config.image_size}px {config.model.dtype}",
         "dataset": config.dataset,
         "num_train": len(ctx.target.train),

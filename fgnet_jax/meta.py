@@ -95,18 +95,16 @@ def _check_rate_tree(inner_lr: PyTree, params: PyTree) -> None:
             "inner_lr must be a scalar or a pytree with the structure of params; got "
             f"{rate_structure} for params {param_structure}"
         )
-    for path_and_rate, param in zip(
-        jax.tree_util.tree_leaves_with_path(inner_lr), jax.tree_util.tree_leaves(params)
-    ):
-        path, rate = path_and_rate
+    rates_with_paths = jax.tree_util.tree_leaves_with_path(inner_lr)
+    for (path, rate), param in zip(rates_with_paths, jax.tree_util.tree_leaves(params), strict=True):
         try:
-            jnp.broadcast_shapes(jnp.shape(rate), jnp.shape(param))
+            broadcast = jnp.broadcast_shapes(jnp.shape(rate), jnp.shape(param))
         except ValueError:
             raise ValueError(
                 f"inner_lr{jax.tree_util.keystr(path)} has shape {jnp.shape(rate)}, which does not "
                 f"broadcast to the parameter's shape {jnp.shape(param)}"
             ) from None
-        if jnp.broadcast_shapes(jnp.shape(rate), jnp.shape(param)) != jnp.shape(param):
+        if broadcast != jnp.shape(param):
             raise ValueError(
                 f"inner_lr{jax.tree_util.keystr(path)} has shape {jnp.shape(rate)}, larger than "
                 f"the parameter's shape {jnp.shape(param)}"
@@ -116,6 +114,10 @@ def _check_rate_tree(inner_lr: PyTree, params: PyTree) -> None:
 def _validate(method: str, inner_steps: Any, inner_lr: Any, params: PyTree) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown meta-gradient method {method!r}; choose one of {', '.join(METHODS)}")
+    _validate_inner_update(inner_steps, inner_lr, params)
+
+
+def _validate_inner_update(inner_steps: Any, inner_lr: Any, params: PyTree) -> None:
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral):
         raise ValueError(f"inner_steps must be a Python int >= 1, got {inner_steps!r}")
     if inner_steps < 1:
@@ -157,7 +159,7 @@ def inner_adapt(
 
     :math:`\theta_{k+1} = \theta_k - \alpha \odot \mathrm{mean}_{\text{axis}} \nabla L(\theta_k; T_i)`.
     """
-    _validate("exact", inner_steps, inner_lr, params)
+    _validate_inner_update(inner_steps, inner_lr, params)
     scalar_loss = _split_loss(loss_fn, has_aux)
     for _ in range(inner_steps):
         inner_grad = _axis_mean(jax.grad(scalar_loss)(params, inner_batch), axis_name)

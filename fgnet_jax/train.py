@@ -67,7 +67,6 @@ __all__ = [
 ]
 
 PyTree = Any
-PARAM_GROUPS = ("backbone", "target_head", "auxiliary_head")
 
 
 @flax.struct.dataclass
