@@ -8,6 +8,13 @@ meta-train on the selection -> fine-tune on the target set -> test evaluation. R
 same command after an interruption (Ctrl-C, SIGTERM, kill -9, power loss) resumes from the
 last checkpoint; completed stages are skipped. See experiments/pipeline.py for the workdir
 layout. All local devices are used (pmap); the global batch sizes are split across them.
+
+Several processes (hosts) run the same command with JAX's distributed runtime, each reading
+its shard of every batch; collectives span all processes (see docs/multihost.md):
+
+    python -m experiments.cub_200 --workdir SHARED_DIR --coordinator_address=HOST0:1234 \
+        --num_processes=2 --process_id=I          # I = 0 on host 0, 1 on host 1
+    srun python -m experiments.cub_200 --workdir SHARED_DIR --distributed=auto   # Slurm, Open MPI, TPU pods
 """
 
 from __future__ import annotations

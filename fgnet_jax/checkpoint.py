@@ -14,6 +14,12 @@ next start.
 
 Saves are synchronous: a run that is interrupted right after ``save`` returns has its
 checkpoint on disk.
+
+Multi-process runs (``jax.distributed``): every process must call ``save``/``save_if_best``/
+``restore_*`` with the same arguments, on a directory all processes see (a shared
+filesystem). The saved state is a host (numpy) copy, identical on every process; Orbax
+writes such replicated leaves from the primary process only, synchronises the processes
+around each save, and every process reads the checkpoint back on restore.
 """
 
 from __future__ import annotations
