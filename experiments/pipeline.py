@@ -326,7 +326,6 @@ class StageSpec:
     stream: Callable[[int, int], Iterator[dict]]  # (start_step, num_steps) -> batches
     step_fn: Callable  # pmapped (state, batch) -> (state, metrics)
     eval_fn: Callable  # pmapped eval step
-    model: MetaFGNet
 
 
 def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
@@ -551,7 +550,6 @@ def meta_stage(ctx: Context, name: str, start_variables: dict, auxiliary_source)
         stream=stream,
         step_fn=_cached_pmap(pmap_train_step, ctx.model, tx, meta_config, AXIS),
         eval_fn=_cached_pmap(pmap_eval_step, ctx.model, AXIS),
-        model=ctx.model,
     )
     return run_stage(ctx, spec)
 
@@ -605,7 +603,6 @@ def finetune_stage(ctx: Context, start_variables: dict) -> tuple[TrainState, dic
         stream=stream,
         step_fn=_cached_pmap(pmap_finetune_step, ctx.model, tx, AXIS),
         eval_fn=_cached_pmap(pmap_eval_step, ctx.model, AXIS),
-        model=ctx.model,
     )
     return run_stage(ctx, spec)
 

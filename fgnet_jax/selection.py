@@ -32,7 +32,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -196,14 +196,3 @@ def load_selection(workdir: str, tag: str) -> dict[str, Any] | None:
         "scores": np.asarray([float(row[1]) for row in rows]),
     }
 
-
-def scored_ids(batches: Iterable[Mapping[str, Any]], scores: Iterable[np.ndarray]) -> tuple[list[str], np.ndarray]:
-    """Flatten per-batch ``(ids, mask)`` and device scores into one list, dropping padding."""
-    all_ids: list[str] = []
-    all_scores: list[np.ndarray] = []
-    for batch, batch_scores in zip(batches, scores):
-        mask = np.asarray(batch["mask"]).reshape(-1) > 0
-        ids = np.asarray(batch["id"]).reshape(-1)
-        all_ids.extend(i.decode() if isinstance(i, bytes) else str(i) for i in ids[mask])
-        all_scores.append(np.asarray(batch_scores).reshape(-1)[mask])
-    return all_ids, (np.concatenate(all_scores) if all_scores else np.zeros(0))
