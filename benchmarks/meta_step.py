@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from benchmarks.timing import compile_and_time
 from fgnet_jax.meta import meta_value_and_grad
 from fgnet_jax.models import MetaFGNet, init_variables
 from fgnet_jax.objective import AUXILIARY_KEYS, TARGET_KEYS, auxiliary_loss_fn, combine_gradients, select, target_loss_fn
@@ -41,17 +40,10 @@ MIB = 2**20
 
 def measure(fn, *args, repeats: int) -> dict[str, float]:
     """Median seconds per call after compilation, and the compiled program's memory (MiB)."""
-    compiled = jax.jit(fn).lower(*args).compile()
-    memory = compiled.memory_analysis()
-    jax.block_until_ready(compiled(*args))  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        samples.append(time.perf_counter() - start)
+    memory, _, seconds = compile_and_time(fn, args, repeats)
     temp = getattr(memory, "temp_size_in_bytes", 0) / MIB
     total = temp + (getattr(memory, "argument_size_in_bytes", 0) + getattr(memory, "output_size_in_bytes", 0)) / MIB
-    return {"seconds": statistics.median(samples), "temp_mib": temp, "total_mib": total}
+    return {"seconds": seconds, "temp_mib": temp, "total_mib": total}
 
 
 def make_batches(image_size: int, batch: int, target_classes: int, auxiliary_classes: int):

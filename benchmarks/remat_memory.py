@@ -51,12 +51,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.timing import compile_and_time
 from fgnet_jax.models import MetaFGNet, init_variables
 
 MIB = 2**20
@@ -82,22 +81,13 @@ def _target_loss(model, batch_stats):
 
 
 def _measure(step, args, repeats):
-    compile_start = time.perf_counter()
-    compiled = jax.jit(step).lower(*args).compile()
-    compile_s = time.perf_counter() - compile_start
-    memory = compiled.memory_analysis()
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
+    memory, compile_s, step_s = compile_and_time(step, args, repeats)
     return {
         "temp": memory.temp_size_in_bytes / MIB,
         "peak": memory.peak_memory_in_bytes / MIB,
         "args": memory.argument_size_in_bytes / MIB,
         "compile_s": compile_s,
-        "step_s": statistics.median(times),
+        "step_s": step_s,
     }
 
 
