@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fgnet_jax.models import MetaFGNet, block_names, feature_dim, fresh_target_head, init_variables, resnet
+from fgnet_jax.models.resnet import max_pool_3x3_stride2
 
 IMAGE_SIZE = 32  # last stage 1x1; XLA:CPU convs on 2x2 maps are pathologically slow
 NUM_TARGET, NUM_AUXILIARY = 5, 7
@@ -70,6 +71,41 @@ def test_structure_shapes_and_parameter_counts(depth):
     assert jax.tree.structure(updates["batch_stats"]) == jax.tree.structure(stats)
     features = jax.eval_shape(lambda v, x: model.apply(v, x, method=MetaFGNet.features), variables, images)
     assert features.shape == (3, width)
+
+
+@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (2, 24, 24, 4), (1, 1, 1, 2), (1, 2, 2, 1)])
+def test_max_pool_equals_reduce_window_max_pool_in_value_gradient_and_hvp(shape):
+    # float64 random inputs have no ties, where the two differ by design (see the docstring).
+    with jax.enable_x64():
+        x = jax.random.normal(jax.random.key(1), shape, jnp.float64)
+        direction = jax.random.normal(jax.random.key(2), shape, jnp.float64)
+
+        def reference(x):
+            return flax.linen.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+        def loss(pool, x):
+            return jnp.sum(jnp.sin(pool(x)) ** 2)
+
+        def gradient_and_hvp(pool):
+            gradient = jax.grad(lambda x: loss(pool, x))
+            return gradient(x), jax.jvp(gradient, (x,), (direction,))[1]
+
+        np.testing.assert_array_equal(max_pool_3x3_stride2(x), reference(x))
+        gradient, hvp = gradient_and_hvp(max_pool_3x3_stride2)
+        expected_gradient, expected_hvp = gradient_and_hvp(reference)
+        assert np.any(expected_gradient != 0) and np.any(expected_hvp != 0)
+        np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(hvp, expected_hvp, rtol=1e-12, atol=1e-14)
+
+
+def test_max_pool_shares_the_gradient_of_a_tie_among_the_tied_elements():
+    x = jnp.zeros((1, 3, 3, 1)).at[0, 0, 0, 0].set(1.0).at[0, 2, 2, 0].set(1.0)
+    # Output (0, 1) sees x[0:2, 1:3] (and padding): four zeros, a four-way tie.
+    gradient = jax.grad(lambda x: max_pool_3x3_stride2(x)[0, 0, 1, 0])(x)[0, :, :, 0]
+    tied = np.zeros((3, 3), bool)
+    tied[0:2, 1:3] = True
+    assert np.all(gradient[tied] > 0) and np.all(gradient[~tied] == 0)
+    assert float(jnp.sum(gradient)) == pytest.approx(1.0)
 
 
 def test_unsupported_depth_is_rejected():

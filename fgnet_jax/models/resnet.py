@@ -61,6 +61,7 @@ __all__ = [
     "STAGE_SIZES",
     "block_names",
     "feature_dim",
+    "max_pool_3x3_stride2",
     "resnet",
 ]
 
@@ -122,6 +123,37 @@ def _batch_norm(
         param_dtype=param_dtype,
         name=name,
     )
+
+
+def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
+    r"""The stem's 3x3 / stride 2 max-pool with padding 1 (PyTorch's ``MaxPool2d(3, 2, 1)``).
+
+    :math:`y_{n,i,j,c} = \max_{0 \le a, b < 3} \bar x_{n, 2i+a, 2j+b, c}`, with :math:`\bar x` the
+    input padded by one ``-inf`` row/column on each side (padding never wins, as in PyTorch).
+
+    Written as the maximum of nine strided slices instead of ``lax.reduce_window``: XLA:CPU
+    differentiates ``reduce_window`` through an argmax search (four int32 index arrays of
+    the input's size) and a scatter, which took about a fifth of a ResNet-18 first-order
+    meta-step at 96 px; slices and elementwise maxima fuse into one loop, forward, backward
+    and forward-over-reverse alike. The value is identical. The gradient is too, except on
+    exact ties inside a window, where ``jnp.maximum`` shares it among the tied elements
+    instead of giving it to one; after a ReLU the only ties in practice are zeros, whose
+    gradient the ReLU discards either way.
+    """
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    batch, height, width, channels = padded.shape
+    out_height, out_width = (height - 3) // 2 + 1, (width - 3) // 2 + 1
+    pooled = None
+    for row in range(3):
+        for column in range(3):
+            window_element = jax.lax.slice(
+                padded,
+                (0, row, column, 0),
+                (batch, row + 2 * (out_height - 1) + 1, column + 2 * (out_width - 1) + 1, channels),
+                (1, 2, 2, 1),
+            )
+            pooled = window_element if pooled is None else jnp.maximum(pooled, window_element)
+    return pooled
 
 
 class BasicBlock(nn.Module):
@@ -191,8 +223,9 @@ class ResNet(nn.Module):
       depth: 18, 34 or 50 (torchvision's), or 10 (one basic block per stage; for tests).
       axis_name: ``None``, or the ``pmap`` axis name for synchronised BatchNorm.
       remat: wrap every residual block in ``nn.remat``: its activations are recomputed in
-        the backward pass instead of stored. On GPU this halves to thirds the memory of a
-        forward+backward for 20-30 % more time (``benchmarks/remat_memory.py``); XLA:CPU
+        the backward pass instead of stored. On an H200 (ResNet-34, 224 px) this halves the
+        scratch memory of a forward+backward and cuts the exact MetaFGNet step's by a third,
+        for 20-25 % more time (``python -m benchmarks.meta_step --remat off on``); XLA:CPU
         merges the recomputation back into the forward pass, so there it saves nothing.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and BatchNorm
         statistics are reduced in float32.
@@ -221,8 +254,7 @@ class ResNet(nn.Module):
         x = jnp.asarray(x, self.dtype)
         x = _conv(64, 7, 2, self.dtype, "conv1", self.param_dtype)(x)
         x = nn.relu(_batch_norm(train, self.axis_name, self.dtype, "bn1", self.param_dtype)(x))
-        # reduce_window pads with its init value, -inf for max, as PyTorch's MaxPool2d does.
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool_3x3_stride2(x)
 
         for stage, (num_blocks, width) in enumerate(zip(STAGE_SIZES[self.depth], _STAGE_WIDTHS, strict=True)):
             for index in range(num_blocks):
