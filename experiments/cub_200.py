@@ -82,6 +82,10 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 _DEVICES = flags.DEFINE_integer(
     "simulate_cpu_devices", 0, "Split the CPU into this many devices (to try the data-parallel path on a CPU)."
 )
+_CPU_CONVOLUTIONS = flags.DEFINE_enum(
+    "cpu_convolutions", "eigen", ["eigen", "ynnpack"],
+    "XLA:CPU convolution kernels on a CPU run: 'eigen' (about 20% faster here) or jaxlib 0.10's default 'ynnpack'. "
+    "An XLA_FLAGS setting of your own wins; GPU/TPU runs are unaffected.")
 
 
 _DISTRIBUTED = flags.DEFINE_enum(
@@ -142,9 +146,10 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     if not _WORKDIR.value:
         _fail("--workdir is required (where checkpoints, logs and results go)")
-    if _DEVICES.value:
-        from fgnet_jax.cpu_devices import simulate_cpu_devices
+    from fgnet_jax.cpu_devices import simulate_cpu_devices, use_cpu_convolutions
 
+    use_cpu_convolutions(_CPU_CONVOLUTIONS.value)
+    if _DEVICES.value:
         simulate_cpu_devices(_DEVICES.value)
     from fgnet_jax import distributed
 
@@ -157,7 +162,7 @@ def main(argv) -> None:
     if _DEMO.value:
         use_demo_data(config, workdir)
 
-    # Imported here: JAX must not start before --simulate_cpu_devices is applied.
+    # Imported here: JAX must not start before --simulate_cpu_devices/--cpu_convolutions are applied.
     import jax
 
     from experiments import pipeline

@@ -1,0 +1,88 @@
+"""XLA:CPU settings made before JAX starts: the convolution kernels (fgnet_jax.cpu_devices).
+
+Each case runs in a fresh interpreter, because XLA reads its flags once per process and this
+test process already started JAX (with the suite's settings from conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fgnet_jax.cpu_devices import use_cpu_convolutions
+
+# A ResNet-shaped convolution stack and its gradient and forward-over-reverse HVP; printed as
+# JSON with the XLA_FLAGS the process ended up with.
+_PROGRAM = textwrap.dedent(
+    """
+    import json, os, sys
+    from fgnet_jax.cpu_devices import use_cpu_convolutions
+    applied = use_cpu_convolutions(sys.argv[1])
+    import jax, jax.numpy as jnp, numpy as np
+
+    def loss(kernels, x):
+        for stride, kernel in zip((1, 2), kernels):
+            x = jax.nn.relu(jax.lax.conv_general_dilated(
+                x, kernel, (stride, stride), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        return jnp.mean(x ** 2)
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    kernels = [jax.random.normal(keys[0], (3, 3, 8, 16)) * 0.2, jax.random.normal(keys[1], (3, 3, 16, 16)) * 0.1]
+    x = jax.random.normal(keys[2], (4, 12, 12, 8))
+    direction = [jax.random.normal(key, k.shape) for key, k in zip(jax.random.split(keys[3]), kernels)]
+    gradient = jax.grad(loss)
+    hvp = jax.jvp(lambda k: gradient(k, x), (kernels,), (direction,))[1]
+    print(json.dumps({"applied": applied, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                      "value": float(loss(kernels, x)),
+                      "gradient": [np.asarray(g).ravel().tolist() for g in gradient(kernels, x)],
+                      "hvp": [np.asarray(h).ravel().tolist() for h in hvp]}))
+    """
+)
+
+
+def _run(kind: str, xla_flags: str = "") -> dict:
+    env = {**os.environ, "XLA_FLAGS": xla_flags}
+    env.pop("NPROC", None)
+    result = subprocess.run([sys.executable, "-c", _PROGRAM, kind], env=env, capture_output=True, text=True,
+                            timeout=300, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def both_kernels():
+    return _run("eigen"), _run("ynnpack")
+
+
+def test_eigen_and_ynnpack_convolutions_agree_in_value_gradient_and_hvp(both_kernels):
+    import numpy as np
+
+    eigen, ynnpack = both_kernels
+    assert eigen["applied"] and "-individual_convolution" in eigen["xla_flags"]
+    assert not ynnpack["applied"] and ynnpack["xla_flags"] == ""
+    np.testing.assert_allclose(eigen["value"], ynnpack["value"], rtol=1e-5)
+    for name in ("gradient", "hvp"):
+        for a, b in zip(eigen[name], ynnpack[name], strict=True):
+            a, b = np.asarray(a), np.asarray(b)
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.max(np.abs(b)))
+
+
+def test_a_users_own_xla_flag_wins():
+    own = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+    result = _run("eigen", own)
+    assert not result["applied"]
+    assert result["xla_flags"] == own
+
+
+def test_bad_kind_and_late_call_are_refused():
+    with pytest.raises(ValueError, match="unknown CPU convolution kernels"):
+        use_cpu_convolutions("mkl")
+    # This test process imported JAX long ago (conftest + other tests).
+    import jax  # noqa: F401
+
+    with pytest.raises(RuntimeError, match="before jax is imported"):
+        use_cpu_convolutions("eigen")
