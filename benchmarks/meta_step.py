@@ -2,7 +2,8 @@
 
     python -m benchmarks.meta_step [--depth 18] [--image_size 96] [--batch 32] [--inner_steps 1]
                                    [--scope meta step] [--methods plain first_order hvp_jvp hvp_vjp exact]
-                                   [--remat] [--repeats 5] [--json results.json]
+                                   [--remat off on] [--repeats 5] [--torch]
+                                   [--cpu_convolutions eigen|ynnpack] [--json results.json]
 
 Scopes:
   meta  the meta-gradient alone: ``meta_value_and_grad`` of the MetaFGNet target loss
@@ -13,8 +14,13 @@ Scopes:
         update).
 
 Each row: median wall time of ``--repeats`` calls after compilation, the ratio to
-first-order measured in the same run, and XLA's buffer assignment for the compiled program
-(``temp``: scratch incl. saved activations; ``total``: temp + arguments + outputs), in MiB.
+first-order (without remat) measured in the same run, and XLA's buffer assignment for the
+compiled program (``temp``: scratch incl. saved activations; ``total``: temp + arguments +
+outputs), in MiB. ``--torch`` then times the PyTorch eager baseline of the authors'
+algorithm (``benchmarks.torch_baseline``) on the same shapes in the same process and prints
+the best exact JAX method's time over PyTorch's exact time. On CPU, ``--cpu_convolutions``
+picks XLA:CPU's convolution kernels (default ``eigen``, the faster here; see
+``fgnet_jax.cpu_devices.use_cpu_convolutions``).
 Run on a quiet machine; on a shared one the ratios are the meaningful numbers.
 """
 
@@ -22,17 +28,47 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
+import os
+import sys
 
-import jax
-import jax.numpy as jnp
-import optax
+from fgnet_jax.cpu_devices import CPU_CONVOLUTIONS, use_cpu_convolutions
 
-from benchmarks.timing import compile_and_time
-from fgnet_jax.meta import meta_value_and_grad
-from fgnet_jax.models import MetaFGNet, init_variables
-from fgnet_jax.objective import AUXILIARY_KEYS, TARGET_KEYS, auxiliary_loss_fn, combine_gradients, select, target_loss_fn
-from fgnet_jax.train import MetaStepConfig, OptimizerConfig, create_train_state, make_optimizer, train_step
+
+def _cpu_convolutions_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cpu_convolutions", choices=CPU_CONVOLUTIONS, default="eigen",
+                        help="XLA:CPU convolution kernels (fgnet_jax.cpu_devices.use_cpu_convolutions)")
+
+
+if __name__ == "__main__":
+    # Before JAX is imported: XLA reads its flags once, at start-up.
+    _pre_parser = argparse.ArgumentParser(add_help=False)
+    _cpu_convolutions_argument(_pre_parser)
+    use_cpu_convolutions(_pre_parser.parse_known_args(sys.argv[1:])[0].cpu_convolutions)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
+
+from benchmarks.timing import compile_and_time  # noqa: E402
+from fgnet_jax.meta import meta_value_and_grad  # noqa: E402
+from fgnet_jax.models import MetaFGNet, init_variables  # noqa: E402
+from fgnet_jax.objective import (  # noqa: E402
+    AUXILIARY_KEYS,
+    TARGET_KEYS,
+    auxiliary_loss_fn,
+    combine_gradients,
+    select,
+    target_loss_fn,
+)
+from fgnet_jax.train import (  # noqa: E402
+    MetaStepConfig,
+    OptimizerConfig,
+    create_train_state,
+    make_optimizer,
+    train_step,
+)
 
 METHODS = ("plain", "first_order", "hvp_jvp", "hvp_vjp", "exact")
 MIB = 2**20
@@ -94,30 +130,58 @@ def step_functions(model, inner_steps: int) -> dict:
 
 def run(args) -> list[dict]:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    model = MetaFGNet(args.depth, 200, 1000, remat=args.remat, dtype=dtype)
-    variables = init_variables(model, jax.random.key(0, impl="rbg"), args.image_size)
-    batch = make_batches(args.image_size, args.batch, 200, 1000)
     rows = []
-    for scope in args.scope:
-        for inner_steps in args.inner_steps:
+    for scope, batch_size, inner_steps in itertools.product(args.scope, args.batch, args.inner_steps):
+        batch = make_batches(args.image_size, batch_size, 200, 1000)
+        # Ratios are to first-order *without* remat, so remat rows show what remat buys.
+        baseline = None
+        for remat in args.remat:
+            model = MetaFGNet(args.depth, 200, 1000, remat=remat == "on", dtype=dtype)
+            variables = init_variables(model, jax.random.key(0, impl="rbg"), args.image_size)
             if scope == "meta":
                 functions = meta_functions(model, variables, inner_steps)
                 arguments = (select(variables["params"], TARGET_KEYS), batch)
             else:
                 functions, tx = step_functions(model, inner_steps)
                 arguments = (create_train_state(variables, tx, jax.random.PRNGKey(0)), batch)
-            results = {}
-            for method in args.methods:
-                results[method] = measure(functions[method], *arguments, repeats=args.repeats)
+            results = {method: measure(functions[method], *arguments, repeats=args.repeats)
+                       for method in args.methods}
+            if baseline is None and "first_order" in results:
+                baseline = results["first_order"]
             for method, result in results.items():
-                row = dict(scope=scope, depth=args.depth, image_size=args.image_size, batch=args.batch,
-                           inner_steps=inner_steps, remat=args.remat, dtype=args.dtype, method=method, **result)
-                if "first_order" in results:
-                    row["time_vs_first_order"] = result["seconds"] / results["first_order"]["seconds"]
-                    row["memory_vs_first_order"] = result["total_mib"] / results["first_order"]["total_mib"]
+                row = dict(scope=scope, depth=args.depth, image_size=args.image_size, batch=batch_size,
+                           inner_steps=inner_steps, remat=remat == "on", dtype=args.dtype, method=method,
+                           **result)
+                if baseline is not None:
+                    row["time_vs_first_order"] = result["seconds"] / baseline["seconds"]
+                    row["memory_vs_first_order"] = result["total_mib"] / baseline["total_mib"]
                 rows.append(row)
                 print(_format_row(row), flush=True)
     return rows
+
+
+def compare_with_torch(args, rows: list[dict]) -> list[dict]:
+    """The PyTorch eager baseline on the same shapes, and JAX's ratios to it (meta scope, K=1)."""
+    from benchmarks.torch_baseline import time_authors_meta_gradient
+
+    torch_rows = []
+    for batch_size in args.batch:
+        torch_rows += time_authors_meta_gradient(args.depth, args.image_size, batch_size, args.repeats,
+                                                 log=lambda line: print(line, flush=True))
+    for batch_size in args.batch:
+        torch_seconds = {row["method"]: row["seconds"] for row in torch_rows if row["batch"] == batch_size}
+        jax_rows = [row for row in rows if row["scope"] == "meta" and row["inner_steps"] == 1 and not row["remat"]
+                    and row["batch"] == batch_size]
+        exact_rows = [row for row in jax_rows if row["method"] in ("exact", "hvp_vjp", "hvp_jvp")]
+        first_order_rows = [row for row in jax_rows if row["method"] == "first_order"]
+        if exact_rows:
+            best = min(exact_rows, key=lambda row: row["seconds"])
+            print(f"b{batch_size}: best exact JAX ({best['method']}) / PyTorch exact: "
+                  f"{best['seconds'] / torch_seconds['exact']:.2f}x", flush=True)
+        if first_order_rows:
+            print(f"b{batch_size}: JAX first-order / PyTorch first-order: "
+                  f"{first_order_rows[0]['seconds'] / torch_seconds['first_order']:.2f}x", flush=True)
+    return torch_rows
 
 
 def _format_row(row: dict) -> str:
@@ -133,17 +197,24 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=18)
     parser.add_argument("--image_size", type=int, default=96)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[32], help="images per T_i, T_j and S")
     parser.add_argument("--inner_steps", type=int, nargs="+", default=[1])
     parser.add_argument("--scope", nargs="+", choices=("meta", "step"), default=["meta", "step"])
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--remat", action="store_true")
+    parser.add_argument("--remat", nargs="+", choices=("off", "on"), default=["off"],
+                        help="remat settings to measure (ratios are to first-order with remat off)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--torch", action="store_true",
+                        help="also time the PyTorch eager baseline on the same shapes (needs .[torch])")
+    _cpu_convolutions_argument(parser)
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
-    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}")
+    print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
     rows = run(args)
+    if args.torch:
+        rows += compare_with_torch(args, rows)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(rows, handle, indent=2)

@@ -39,29 +39,24 @@ def authors_meta_gradient(model, inner, outer, inner_lr: float, exact: bool):
     return [g - inner_lr * hg for g, hg in zip(outer_grads, hessian_times_g)]
 
 
-def main(argv=None) -> None:
+def time_authors_meta_gradient(depth: int, image_size: int, batch: int, repeats: int, device: str | None = None,
+                                log=print) -> list[dict]:
+    """Median seconds of the authors' first-order and exact meta-gradient (one warm-up call first)."""
     import torch
 
     from fgnet_jax.torch_reference import torch_resnet
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depth", type=int, default=18)
-    parser.add_argument("--image_size", type=int, default=96)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    model = torch_resnet(args.depth, 200).to(device).train()
-    shape = (args.batch, 3, args.image_size, args.image_size)
-    inner = (torch.randn(shape, device=device), torch.randint(0, 200, (args.batch,), device=device))
-    outer = (torch.randn(shape, device=device), torch.randint(0, 200, (args.batch,), device=device))
-    print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
+    model = torch_resnet(depth, 200).to(device).train()
+    shape = (batch, 3, image_size, image_size)
+    inner = (torch.randn(shape, device=device), torch.randint(0, 200, (batch,), device=device))
+    outer = (torch.randn(shape, device=device), torch.randint(0, 200, (batch,), device=device))
+    log(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
+    rows = []
     for exact in (False, True):
         samples = []
-        for repeat in range(args.repeats + 1):
+        for repeat in range(repeats + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -70,9 +65,24 @@ def main(argv=None) -> None:
                 torch.cuda.synchronize()
             if repeat:  # the first call warms up
                 samples.append(time.perf_counter() - start)
-        seconds = statistics.median(samples)
-        print(f"torch R-{args.depth} {args.image_size}px b{args.batch} {'exact' if exact else 'first_order':<12} "
-              f"{1e3 * seconds:9.1f} ms  {args.batch * 2 / seconds:8.1f} target images/s", flush=True)
+        row = dict(framework="torch", depth=depth, image_size=image_size, batch=batch,
+                   method="exact" if exact else "first_order", seconds=statistics.median(samples))
+        log(f"torch R-{depth} {image_size}px b{batch} {row['method']:<12} {1e3 * row['seconds']:9.1f} ms  "
+            f"{batch * 2 / row['seconds']:8.1f} target images/s")
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=18)
+    parser.add_argument("--image_size", type=int, default=96)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    args = parser.parse_args(argv)
+    time_authors_meta_gradient(args.depth, args.image_size, args.batch, args.repeats, args.device,
+                               log=lambda line: print(line, flush=True))
 
 
 if __name__ == "__main__":
