@@ -62,6 +62,7 @@ __all__ = [
     "block_names",
     "feature_dim",
     "max_pool_3x3_stride2",
+    "max_pool_3x3_stride2_by_slices",
     "resnet",
 ]
 
@@ -131,14 +132,26 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
     :math:`y_{n,i,j,c} = \max_{0 \le a, b < 3} \bar x_{n, 2i+a, 2j+b, c}`, with :math:`\bar x` the
     input padded by one ``-inf`` row/column on each side (padding never wins, as in PyTorch).
 
-    Written as the maximum of nine strided slices instead of ``lax.reduce_window``: XLA:CPU
-    differentiates ``reduce_window`` through an argmax search (four int32 index arrays of
-    the input's size) and a scatter, which took about a fifth of a ResNet-18 first-order
-    meta-step at 96 px; slices and elementwise maxima fuse into one loop, forward, backward
-    and forward-over-reverse alike. The value is identical. The gradient is too, except on
-    exact ties inside a window, where ``jnp.maximum`` shares it among the tied elements
-    instead of giving it to one; after a ReLU the only ties in practice are zeros, whose
-    gradient the ReLU discards either way.
+    On the CPU backend this is :func:`max_pool_3x3_stride2_by_slices`; elsewhere
+    ``lax.reduce_window`` (Flax's ``max_pool``), whose GPU kernels were 2-4 % faster than the
+    slices on an H200 (``python -m benchmarks.max_pool``). The choice is made when the
+    function is traced, from ``jax.default_backend()``.
+    """
+    if jax.default_backend() == "cpu":
+        return max_pool_3x3_stride2_by_slices(x)
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def max_pool_3x3_stride2_by_slices(x: jax.Array) -> jax.Array:
+    """:func:`max_pool_3x3_stride2` as the maximum of nine strided slices.
+
+    XLA:CPU differentiates ``reduce_window`` through an argmax search (four int32 index
+    arrays of the input's size) and a scatter, which took about a fifth of a ResNet-18
+    first-order meta-step at 96 px in a profile; slices and elementwise maxima fuse into one
+    loop, forward, backward and forward-over-reverse alike. The value is identical. The
+    gradient is too, except on exact ties inside a window, where ``jnp.maximum`` shares it
+    among the tied elements instead of giving it to one; after a ReLU the only ties in
+    practice are zeros, whose gradient the ReLU discards either way.
     """
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
     batch, height, width, channels = padded.shape
