@@ -175,6 +175,8 @@ def main(argv) -> None:
             raise pipeline.UsageError(str(error)) from None
         # Before any work, demo data included; the global batches divide over every process's devices.
         pipeline.validate_config(config, jax.device_count())
+        if config.model.dtype == "float64":
+            jax.config.update("jax_enable_x64", True)  # before the first array is made
         if _DEMO.value:
             if distributed.is_chief():
                 write_demo_data(config)

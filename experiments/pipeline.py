@@ -52,7 +52,9 @@ from fgnet_jax.train import (
 )
 
 AXIS = "batch"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# float64 (parameters and compute; the experiment turns on jax_enable_x64) is for round-off-free
+# checks such as N processes == 1 process; it is slow and not for training runs.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "float64": jnp.float64}
 META_STAGES = ("meta_train", "meta_train_selected")
 
 
@@ -464,6 +466,7 @@ def build_context(config, workdir, stop, allow_config_change) -> Context:
         axis_name=AXIS,
         remat=config.model.remat,
         dtype=DTYPES[config.model.dtype],
+        param_dtype=jnp.float64 if config.model.dtype == "float64" else jnp.float32,
     )
     return Context(config, workdir, model, target, auxiliary, num_devices, MetricLogger(workdir, is_chief), stop, is_chief)
 

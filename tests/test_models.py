@@ -109,6 +109,18 @@ def test_max_pool_shares_the_gradient_of_a_tie_among_the_tied_elements():
     assert float(jnp.sum(gradient)) == pytest.approx(1.0)
 
 
+def test_init_variables_keeps_batch_norm_statistics_in_the_parameter_dtype():
+    # Flax makes them float32; a float64 checkpoint template must not round restored statistics.
+    with jax.enable_x64():
+        model = MetaFGNet(10, NUM_TARGET, NUM_AUXILIARY, dtype=jnp.float64, param_dtype=jnp.float64)
+        variables = init_variables(model, _key(0), IMAGE_SIZE)
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float64)}
+        _, updated = model.apply(variables, _images(0, 2).astype(jnp.float64), train=True, mutable=["batch_stats"])
+        assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(updated)} == {jnp.dtype(jnp.float64)}
+    float32_variables = init_variables(MetaFGNet(10, NUM_TARGET, NUM_AUXILIARY), _key(0), IMAGE_SIZE)
+    assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(float32_variables)} == {jnp.dtype(jnp.float32)}
+
+
 def test_unsupported_depth_is_rejected():
     with pytest.raises(ValueError, match="unsupported ResNet depth 101"):
         resnet(101)

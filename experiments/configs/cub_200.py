@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.depth = 34
-    config.model.dtype = "float32"  # "bfloat16" on accelerators
+    config.model.dtype = "float32"  # "bfloat16" on accelerators; "float64" for round-off-free checks
     config.model.remat = False
     # Orbax checkpoint of {"params", "batch_stats"} from `python -m fgnet_jax.convert` (ImageNet
     # or the authors' weights); "" starts from random initialisation.

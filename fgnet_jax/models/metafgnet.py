@@ -109,7 +109,13 @@ def init_variables(
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
     dummy = jnp.zeros((batch, height, width, 3), jnp.float32)
     variables = jax.jit(lambda key: model.init(key, dummy, train=False))(rng)
-    return {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    # Flax creates BatchNorm statistics in float32 whatever param_dtype is; a float64 model's
+    # first update promotes them to float64, so start them there: a checkpoint template made
+    # from these variables must not round restored float64 statistics to float32.
+    param_dtype = jax.tree_util.tree_leaves(variables["params"])[0].dtype
+    stats_dtype = jnp.promote_types(jnp.float32, param_dtype)
+    batch_stats = jax.tree_util.tree_map(lambda x: x.astype(stats_dtype), variables["batch_stats"])
+    return {"params": variables["params"], "batch_stats": batch_stats}
 
 
 def fresh_target_head(params: Mapping[str, Any], rng: jax.Array, num_classes: int | None = None) -> dict[str, Any]:
