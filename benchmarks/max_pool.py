@@ -5,7 +5,8 @@
 
 Times the meta-gradient (``benchmarks.meta_step --scope meta``'s functions) with the
 ResNet's stem max-pool as nine strided slices (``max_pool_3x3_stride2_by_slices``, the
-model's choice on CPU) and as Flax's ``reduce_window`` max-pool (its choice elsewhere), one
+model's choice on CPU) and as ``reduce_window`` (``max_pool_3x3_stride2_by_reduce_window``,
+its choice elsewhere), one
 after the other in one process so that both see the same machine. NOTES.md, attempt 5, has
 the results.
 """
@@ -21,7 +22,6 @@ if __name__ == "__main__":
 
     use_cpu_convolutions("eigen")  # as benchmarks.meta_step by default
 
-import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 
 from benchmarks.meta_step import make_batches, measure, meta_functions  # noqa: E402
@@ -29,10 +29,6 @@ from fgnet_jax.models import MetaFGNet, init_variables  # noqa: E402
 from fgnet_jax.objective import TARGET_KEYS, select  # noqa: E402
 
 _RESNET_MODULE = sys.modules["fgnet_jax.models.resnet"]  # the package re-exports a function named resnet
-
-
-def reduce_window_max_pool(x):
-    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 @contextlib.contextmanager
@@ -59,7 +55,8 @@ def main(argv=None) -> None:
     batch = make_batches(args.image_size, args.batch, 200, 1000)
     functions = meta_functions(model, variables, 1)
     params = select(variables["params"], TARGET_KEYS)
-    implementations = {"slices": _RESNET_MODULE.max_pool_3x3_stride2_by_slices, "reduce_window": reduce_window_max_pool}
+    implementations = {"slices": _RESNET_MODULE.max_pool_3x3_stride2_by_slices,
+                       "reduce_window": _RESNET_MODULE.max_pool_3x3_stride2_by_reduce_window}
     for method in args.methods:
         seconds = {}
         for name, implementation in implementations.items():

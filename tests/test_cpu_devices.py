@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 from fgnet_jax.cpu_devices import use_cpu_convolutions
@@ -59,8 +60,6 @@ def both_kernels():
 
 
 def test_eigen_and_ynnpack_convolutions_agree_in_value_gradient_and_hvp(both_kernels):
-    import numpy as np
-
     eigen, ynnpack = both_kernels
     assert eigen["applied"] and "-individual_convolution" in eigen["xla_flags"]
     assert not ynnpack["applied"] and ynnpack["xla_flags"] == ""

@@ -62,6 +62,7 @@ __all__ = [
     "block_names",
     "feature_dim",
     "max_pool_3x3_stride2",
+    "max_pool_3x3_stride2_by_reduce_window",
     "max_pool_3x3_stride2_by_slices",
     "resnet",
 ]
@@ -133,12 +134,17 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
     input padded by one ``-inf`` row/column on each side (padding never wins, as in PyTorch).
 
     On the CPU backend this is :func:`max_pool_3x3_stride2_by_slices`; elsewhere
-    ``lax.reduce_window`` (Flax's ``max_pool``), whose GPU kernels were 2-4 % faster than the
+    :func:`max_pool_3x3_stride2_by_reduce_window`, whose GPU kernels were 2-4 % faster than the
     slices on an H200 (``python -m benchmarks.max_pool``). The choice is made when the
     function is traced, from ``jax.default_backend()``.
     """
     if jax.default_backend() == "cpu":
         return max_pool_3x3_stride2_by_slices(x)
+    return max_pool_3x3_stride2_by_reduce_window(x)
+
+
+def max_pool_3x3_stride2_by_reduce_window(x: jax.Array) -> jax.Array:
+    """:func:`max_pool_3x3_stride2` as Flax's ``max_pool`` (``lax.reduce_window``, padding ``-inf``)."""
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
