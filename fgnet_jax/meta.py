@@ -1,72 +1,112 @@
-r"""The meta-gradient of MetaFGNet, for any JAX loss function.
+r"""The meta-gradient of MetaFGNet, for any JAX loss function and any optax inner optimiser.
 
-Notation. ``loss_fn(params, batch)`` is a scalar mean loss :math:`L(\theta; B)`. With inner
-batch :math:`T_i`, outer batch :math:`T_j`, inner step size :math:`\alpha` (a scalar
-:math:`\eta`, or a pytree of per-parameter rates as in Meta-SGD) and :math:`K` inner steps,
-
-.. math::
-
-    \theta_0 = \theta, \qquad
-    \theta_{k+1} = \theta_k - \alpha \odot g_k, \qquad g_k = \nabla L(\theta_k; T_i),
-
-and the meta-objective is :math:`L(\theta_K; T_j)`. Its gradient with respect to
-:math:`\theta` is, by the chain rule, with :math:`H_k = \nabla^2 L(\theta_k; T_i)`
-(symmetric) and :math:`G = \nabla L(\theta_K; T_j)`,
+Notation. ``loss_fn(params, batch)`` is a scalar mean loss :math:`L(\theta; B)`. The inner
+loop takes :math:`K` steps of an update rule :math:`U` (plain SGD by default, any optax
+``GradientTransformation`` otherwise) on inner batches :math:`T_i^{(k)}` (the same batch
+for every step, or one per step):
 
 .. math::
 
-    \nabla_\theta L(\theta_K; T_j)
-      = (I - H_0 D_\alpha) \cdots (I - H_{K-1} D_\alpha)\, G, \qquad D_\alpha = \mathrm{diag}(\alpha).
+    g_k = \nabla L(\theta_k; T_i^{(k)}), \qquad
+    (u_k, s_{k+1}) = U(g_k, s_k, \theta_k), \qquad
+    \theta_{k+1} = \theta_k + u_k,
 
-For :math:`K = 1` and a scalar :math:`\eta` this is the supplementary's Eq. 1,
-:math:`G - \eta H G`. The explicit forms evaluate the product from the right, walking the
-inner trajectory backwards,
+from :math:`\theta_0 = \theta` and the optimiser's initial state :math:`s_0`; for SGD with
+rates :math:`\alpha` (a scalar :math:`\eta`, per-parameter as in Meta-SGD, or per step),
+:math:`u_k = -\alpha_k \odot g_k`. The meta-objective is :math:`L(\theta_K; T_j)`; its
+gradient with respect to :math:`\theta` (and :math:`s_0`) is reverse-mode differentiation of
+the inner loop. Write :math:`G = \nabla L(\theta_K; T_j)`,
+:math:`H_k = \nabla^2 L(\theta_k; T_i^{(k)})` (symmetric), and let the step map be
+:math:`S_k(\theta, s, g) = (\theta + u, s')`. Walking backwards from
+:math:`\bar\theta_K = G,\ \bar s_K = 0`:
 
 .. math::
 
-    v \leftarrow G; \qquad v \leftarrow v - H_k (\alpha \odot v) \quad (k = K-1, \dots, 0),
+    (\bar\theta^{\mathrm{direct}}, \bar s_k, \bar g_k) = \mathrm{VJP}(S_k)(\bar\theta_{k+1}, \bar s_{k+1}),
+    \qquad \bar\theta_k = \bar\theta^{\mathrm{direct}} + H_k \bar g_k,
 
-with each :math:`H_k u` a Hessian-vector product (the supplementary's Eq. 5:
-:math:`H u = \nabla_\theta \langle \mathrm{stop\_grad}(u), g(\theta) \rangle`), so the cost is
-linear in :math:`K`. Note the order for per-parameter rates: :math:`H(\alpha \odot v)`, not
-:math:`\alpha \odot (H v)` (the original Meta-SGD code had the latter).
+and :math:`\nabla_\theta L(\theta_K; T_j) = \bar\theta_0`, :math:`\nabla_{s_0} = \bar s_0`. The
+VJP of an optimiser's update is elementwise and cheap; :math:`H_k \bar g_k` is a
+Hessian-vector product (the supplementary's Eq. 5:
+:math:`H u = \nabla_\theta \langle \mathrm{stop\_grad}(u), g(\theta) \rangle`). For SGD,
+:math:`\bar g_k = -\alpha_k \odot \bar\theta_{k+1}` and the walk is
 
-Methods (all return a pytree shaped like ``params``):
+.. math::
+
+    \bar\theta_k = \bar\theta_{k+1} - H_k (\alpha_k \odot \bar\theta_{k+1}),
+    \qquad \nabla_\theta = (I - H_0 D_{\alpha_0}) \cdots (I - H_{K-1} D_{\alpha_{K-1}})\, G,
+
+the supplementary's Eq. 1, :math:`G - \eta H G`, for :math:`K = 1`. Note the order for
+per-parameter rates: :math:`H(\alpha \odot v)`, not :math:`\alpha \odot (H v)` (the original
+Meta-SGD code had the latter).
+
+Methods (all return gradients shaped like ``params``):
 
 ``"exact"``
     ``jax.grad`` of :math:`\theta \mapsto L(\theta_K(\theta); T_j)`: autodiff through the
-    unrolled inner updates (reverse-over-reverse).
+    inner loop (reverse-over-reverse).
 ``"hvp_vjp"``
     the backward walk above with :math:`H_k u` from ``jax.vjp`` of the inner gradient
-    (reverse-over-reverse). The vjp of step k is taken while stepping forward, so the inner
-    gradient is computed once per step.
+    (reverse-over-reverse); the inner gradient is computed once per step.
 ``"hvp_jvp"``
     the same walk with :math:`H_k u` from ``jax.linearize`` of the inner gradient
-    (forward-over-reverse); linearising yields :math:`g_k` and the linear map
-    :math:`u \mapsto H_k u` in one pass, so the inner gradient is again computed once.
+    (forward-over-reverse): one pass yields :math:`g_k` and the linear map
+    :math:`u \mapsto H_k u`.
 ``"first_order"``
-    :math:`G` alone (the Hessian terms dropped, as in first-order MAML).
+    the walk with every :math:`H_k` term dropped: the inner gradients are treated as
+    constants, as in first-order MAML. For SGD the meta-gradient is :math:`G`.
 
-Data parallelism. With ``axis_name`` (inside ``jax.pmap``/``vmap`` with that axis), every
-device holds a shard of equal size of each batch. The inner gradients are averaged over the
-axis, so all devices take the same inner steps as one device with the concatenated batch;
-the returned loss and meta-gradient are averaged over the axis as well. Hessian-vector
-products are taken of each device's *local* inner gradient with the (already global,
-hence identical on every device) vector :math:`\alpha \odot v`, then averaged:
-:math:`H u = \mathrm{mean}_d H_d u`. Using a per-device vector there would be wrong, which is
-why :math:`G` is averaged before the backward walk.
+Long inner loops. The inner steps run in ``lax.scan`` (compile time does not grow with
+:math:`K`). By default each step's linearisation (the residuals of ``jax.linearize`` /
+``jax.vjp``, or autodiff's own for ``"exact"``) is stored for the backward walk, so memory
+grows by about one linearised inner gradient per step. With ``remat=True`` only each step's
+parameters and optimiser state are stored and the linearisation is recomputed during the
+backward walk: memory flat in :math:`K` (beyond :math:`K` copies of the parameters) for
+about one extra inner gradient per step.
+
+Leaves. Only inexact arrays (floating or complex ``jax.Array``/``numpy`` arrays) are
+differentiated and updated by the inner loop. Every other leaf (integers, booleans, Python
+scalars, functions, ...) is passed through to ``loss_fn`` untouched, and the gradient holds
+``None`` in its place (as ``equinox.filter_grad`` does), so an Equinox model or a Flax NNX
+state can go in whole.
+
+Data parallelism. With ``axis_name``, every device holds an equal shard of each batch and
+``loss_fn`` returns the mean over its shard. The inner gradients are averaged over the axis,
+so all devices take the inner steps of one device with the concatenated batch; the returned
+loss and meta-gradient are averaged as well. This holds under ``jax.pmap``, ``jax.vmap``
+with an axis name, and ``jax.shard_map`` with or without its varying-axis checks
+(``check_vma``): with the checks on, JAX already sums the gradient of a per-device loss with
+respect to replicated parameters over the axis, and that sum is divided by the device count
+instead of averaged again. Hessian-vector products are taken with the (global, identical on
+every device) vector :math:`\bar g_k`, then averaged: :math:`H u = \mathrm{mean}_d H_d u`.
+Under ``jax.jit`` over arrays sharded with a ``NamedSharding`` no axis name is needed: the
+arrays are global and so is every quantity above.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 from jax import lax
 
-__all__ = ["METHODS", "meta_value_and_grad", "inner_adapt"]
+__all__ = [
+    "METHODS",
+    "meta_value_and_grad",
+    "inner_adapt",
+    "hessian_vector_product",
+    "learned_sgd",
+    "LearnedSgdState",
+    "PerStepSgdState",
+    "is_differentiable",
+    "split_differentiable",
+    "merge_differentiable",
+]
 
 METHODS = ("exact", "hvp_vjp", "hvp_jvp", "first_order")
 
@@ -74,75 +114,382 @@ PyTree = Any
 LossFn = Callable[[PyTree, Any], Any]
 
 
-def _axis_mean(tree: PyTree, axis_name: str | None) -> PyTree:
-    """Mean over the named device axis; the identity outside data parallelism."""
-    if axis_name is None:
-        return tree
-    return lax.pmean(tree, axis_name)
+# ------------------------------------------------------------------------------------------
+# Which leaves are differentiated.
 
 
-def _is_scalar_rate(inner_lr: Any) -> bool:
-    leaves, treedef = jax.tree_util.tree_flatten(inner_lr)
-    return treedef.num_leaves == 1 and treedef.num_nodes == 1 and jnp.ndim(leaves[0]) == 0
+def is_differentiable(leaf: Any) -> bool:
+    """Whether the inner loop updates (and the meta-gradient covers) this leaf: an array of
+    floating or complex dtype. Python scalars, integer/boolean arrays, functions and other
+    objects pass through untouched."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
-def _check_rate_tree(inner_lr: PyTree, params: PyTree) -> None:
-    """Raise a ValueError unless a per-parameter rate tree matches ``params``."""
-    rate_structure = jax.tree_util.tree_structure(inner_lr)
-    param_structure = jax.tree_util.tree_structure(params)
-    if rate_structure != param_structure:
-        raise ValueError(
-            "inner_lr must be a scalar or a pytree with the structure of params; got "
-            f"{rate_structure} for params {param_structure}"
-        )
-    rates_with_paths = jax.tree_util.tree_leaves_with_path(inner_lr)
-    for (path, rate), param in zip(rates_with_paths, jax.tree_util.tree_leaves(params), strict=True):
-        try:
-            broadcast = jnp.broadcast_shapes(jnp.shape(rate), jnp.shape(param))
-        except ValueError:
-            raise ValueError(
-                f"inner_lr{jax.tree_util.keystr(path)} has shape {jnp.shape(rate)}, which does not "
-                f"broadcast to the parameter's shape {jnp.shape(param)}"
-            ) from None
-        if broadcast != jnp.shape(param):
-            raise ValueError(
-                f"inner_lr{jax.tree_util.keystr(path)} has shape {jnp.shape(rate)}, larger than "
-                f"the parameter's shape {jnp.shape(param)}"
-            )
+def split_differentiable(tree: PyTree) -> tuple[PyTree, PyTree]:
+    """``(differentiable, rest)``: two trees shaped like ``tree``, each with ``None`` where the
+    other holds the leaf (``equinox.partition(tree, equinox.is_inexact_array)``)."""
+    differentiable = jax.tree_util.tree_map(lambda x: x if is_differentiable(x) else None, tree)
+    rest = jax.tree_util.tree_map(lambda x: None if is_differentiable(x) else x, tree)
+    return differentiable, rest
 
 
-def _validate(method: str, inner_steps: Any, inner_lr: Any, params: PyTree) -> None:
+def merge_differentiable(differentiable: PyTree, rest: PyTree) -> PyTree:
+    """Inverse of :func:`split_differentiable`."""
+    return jax.tree_util.tree_map(
+        lambda a, b: b if a is None else a, differentiable, rest, is_leaf=lambda x: x is None
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Plain SGD with rates held in the optimiser state (differentiable).
+
+
+class LearnedSgdState(NamedTuple):
+    """State of :func:`learned_sgd`: one rate tree for every step, and the step counter."""
+
+    rates: PyTree
+    count: jax.Array
+
+
+class PerStepSgdState(NamedTuple):
+    """State of ``learned_sgd(per_step=True)``: rates with a leading step axis, and the counter."""
+
+    rates: PyTree
+    count: jax.Array
+
+
+def learned_sgd(rates: Any, *, per_step: bool = False) -> optax.GradientTransformation:
+    r"""SGD whose rates live in the optimiser state: :math:`u_k = -\alpha_k \odot g_k`.
+
+    Because the rates are state, ``meta_value_and_grad(..., inner_optimizer=learned_sgd(rates),
+    return_opt_state_grad=True)`` returns their meta-gradient (Meta-SGD, MAML++'s per-step
+    rates) in ``opt_state_grads.rates``.
+
+    Args:
+      rates: a scalar (one rate), or a pytree shaped like the differentiated parameters whose
+        leaves broadcast to each parameter's shape (per-parameter or per-layer rates). With
+        ``per_step=True`` every leaf has a leading axis of length :math:`K` and step :math:`k`
+        uses ``rates[k]``.
+      per_step: see ``rates``.
+
+    The update is computed in each gradient leaf's dtype, so a float64 rate does not promote
+    float32 parameters.
+    """
+
+    state_type = PerStepSgdState if per_step else LearnedSgdState
+
+    def init(params):
+        del params
+        # Arrays, so that the rates are differentiable state (a Python float would not be).
+        return state_type(jax.tree_util.tree_map(jnp.asarray, rates), jnp.zeros((), jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        step_rates = state.rates
+        if per_step:
+            step_rates = jax.tree_util.tree_map(lambda r: r[state.count], state.rates)
+        return _scale(step_rates, updates, -1), state_type(state.rates, state.count + 1)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _is_single_rate(rates: Any) -> bool:
+    leaves, treedef = jax.tree_util.tree_flatten(rates)
+    return treedef.num_leaves == 1 and treedef.num_nodes == 1
+
+
+def _scale(rates: Any, tree: PyTree, sign: int = 1) -> PyTree:
+    r""":math:`\pm\alpha \odot` tree, in each leaf's own dtype."""
+    if _is_single_rate(rates):
+        rate = jax.tree_util.tree_leaves(rates)[0]
+        return jax.tree_util.tree_map(lambda x: (sign * rate * x).astype(x.dtype), tree)
+    return jax.tree_util.tree_map(lambda x, a: (sign * a * x).astype(x.dtype), tree, rates)
+
+
+# ------------------------------------------------------------------------------------------
+# Argument checks: each error names the argument or leaf and the fix.
+
+
+def _check_method(method: str) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown meta-gradient method {method!r}; choose one of {', '.join(METHODS)}")
-    _validate_inner_update(inner_steps, inner_lr, params)
 
 
-def _validate_inner_update(inner_steps: Any, inner_lr: Any, params: PyTree) -> None:
+def _check_inner_steps(inner_steps: Any) -> None:
     if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral):
         raise ValueError(f"inner_steps must be a Python int >= 1, got {inner_steps!r}")
     if inner_steps < 1:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
-    if not _is_scalar_rate(inner_lr):
-        _check_rate_tree(inner_lr, params)
 
 
-def _scale(inner_lr: Any, tree: PyTree) -> PyTree:
-    r""":math:`\alpha \odot` tree, in each leaf's own dtype (a float64 rate must not promote float32 params)."""
-    if _is_scalar_rate(inner_lr):
-        rate = jax.tree_util.tree_leaves(inner_lr)[0]
-        return jax.tree_util.tree_map(lambda x: (rate * x).astype(x.dtype), tree)
-    return jax.tree_util.tree_map(lambda a, x: (a * x).astype(x.dtype), inner_lr, tree)
+def _resolve_inner_steps(inner_steps: int | None, inner_batch: Any, per_step_batches: bool) -> int:
+    """K: given, or the leading axis of the per-step inner batches (which must agree)."""
+    if inner_steps is not None:
+        _check_inner_steps(inner_steps)
+    if not per_step_batches:
+        return 1 if inner_steps is None else inner_steps
+    leaves = jax.tree_util.tree_leaves_with_path(inner_batch)
+    if not leaves or np.ndim(leaves[0][1]) == 0:
+        raise ValueError("per_step_batches=True needs inner_batch leaves with a leading axis K (one batch per step)")
+    steps = int(np.shape(leaves[0][1])[0]) if inner_steps is None else inner_steps
+    for path, leaf in leaves:
+        if np.shape(leaf)[:1] != (steps,):
+            raise ValueError(
+                f"per_step_batches=True: inner_batch{jax.tree_util.keystr(path)} has shape {np.shape(leaf)}, but "
+                f"every leaf needs the leading axis K={steps} (one batch per inner step)"
+            )
+    _check_inner_steps(steps)
+    return steps
 
 
-def _subtract(a: PyTree, b: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(jnp.subtract, a, b)
+def _rates_on_differentiable(rates: Any, params: PyTree, differentiable: PyTree, inner_steps: int,
+                             per_step: bool, name: str = "inner_lr") -> Any:
+    """Validate rates (``name`` in messages) and return them as a tree over the differentiable
+    leaves, or as the single rate."""
+    if _is_single_rate(rates):
+        rate = jax.tree_util.tree_leaves(rates)[0]
+        expected = (inner_steps,) if per_step else ()
+        if jnp.shape(rate) != expected:
+            raise ValueError(
+                f"{name} has shape {jnp.shape(rate)}: a single rate must be "
+                + (f"an array of shape ({inner_steps},), one per step" if per_step else "a scalar")
+                + ", or give a pytree of rates shaped like params"
+            )
+        return rate
+    rate_structure = jax.tree_util.tree_structure(rates)
+    if rate_structure == jax.tree_util.tree_structure(params):
+        rates = jax.tree_util.tree_map(lambda r, p: r if is_differentiable(p) else None, rates, params)
+    elif rate_structure != jax.tree_util.tree_structure(differentiable):
+        raise ValueError(
+            f"{name} must be a scalar or a pytree with the structure of params (or of its differentiable "
+            f"leaves); got {rate_structure} for params {jax.tree_util.tree_structure(params)}"
+        )
+    rates_with_paths = jax.tree_util.tree_leaves_with_path(rates)
+    for (path, rate), param in zip(rates_with_paths, jax.tree_util.tree_leaves(differentiable), strict=True):
+        shape = jnp.shape(rate)
+        where = f"{name}{jax.tree_util.keystr(path)}"
+        if per_step:
+            if shape[:1] != (inner_steps,):
+                raise ValueError(f"{where} has shape {shape}: per-step rates need the leading axis K={inner_steps}")
+            shape = shape[1:]
+        try:
+            broadcast = jnp.broadcast_shapes(shape, jnp.shape(param))
+        except ValueError:
+            raise ValueError(
+                f"{where} has shape {shape}, which does not broadcast to the parameter's shape {jnp.shape(param)}"
+            ) from None
+        if broadcast != jnp.shape(param):
+            raise ValueError(f"{where} has shape {shape}, larger than the parameter's shape {jnp.shape(param)}")
+    return rates
 
 
-def _split_loss(loss_fn: LossFn, has_aux: bool) -> Callable[[PyTree, Any], Any]:
-    """``loss_fn`` reduced to its scalar loss (the inner steps drop aux)."""
-    if not has_aux:
-        return loss_fn
-    return lambda params, batch: loss_fn(params, batch)[0]
+def _split_output(output: Any, has_aux: bool) -> tuple[jax.Array, Any]:
+    """``(loss, aux)`` from what ``loss_fn`` returned, with a clear error on a mismatch."""
+    if has_aux:
+        if not (isinstance(output, (tuple, list)) and len(output) == 2):
+            raise ValueError(
+                f"has_aux=True, but loss_fn returned {_describe(output)}, not a pair (loss, aux): "
+                "return (loss, aux), or call with has_aux=False"
+            )
+        loss, aux = output
+    else:
+        if isinstance(output, (tuple, list)):
+            raise ValueError(
+                f"loss_fn returned {_describe(output)}, but has_aux=False: if it returns (loss, aux), "
+                "pass has_aux=True"
+            )
+        loss, aux = output, None
+    if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
+        raise ValueError(
+            f"loss_fn must return a real scalar loss (the mean over the batch), got {_describe(loss)}"
+        )
+    return loss, aux
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)}"
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return f"a {type(value).__name__}"
+
+
+# ------------------------------------------------------------------------------------------
+# The device axis.
+
+
+def _varying_axes(x: Any) -> frozenset:
+    """The mesh axes over which ``x`` varies under ``shard_map``'s checks (empty elsewhere)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)  # JAX <= 0.9
+    if vma is None:
+        manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10
+        vma = manual.varying if manual is not None else frozenset()
+    return frozenset(vma)
+
+
+@dataclasses.dataclass(frozen=True)
+class _DeviceAxis:
+    """Averaging over the data-parallel axis (or tuple of axes) ``name``; no-ops for None."""
+
+    names: tuple = ()
+    sizes: tuple = ()
+    # Under shard_map with check_vma=True, JAX tracks which values vary over which axes.
+    tracks_variance: bool = False
+
+    @classmethod
+    def bind(cls, name: Any) -> "_DeviceAxis":
+        if name is None:
+            return cls()
+        names = tuple(name) if isinstance(name, (tuple, list)) else (name,)
+        try:
+            sizes = tuple(lax.axis_size(n) for n in names)
+        except NameError:
+            raise ValueError(
+                f"axis_name={name!r} is not bound here: call inside jax.pmap, jax.shard_map or jax.vmap with "
+                "that axis name, or pass axis_name=None (also for jax.jit over sharded arrays, where the "
+                "arrays are global)"
+            ) from None
+        tracks_variance = all(n in _varying_axes(lax.axis_index(n)) for n in names)
+        return cls(names, sizes, tracks_variance)
+
+    def _summed_axes(self, x) -> tuple:
+        """Axes over which JAX has already summed ``x``: with varying-axis checks on, the
+        gradient of a per-device loss with respect to a value that does not vary over an axis
+        (replicated parameters) comes back summed over it (the transpose of the implicit
+        broadcast is a sum)."""
+        if not self.tracks_variance:
+            return ()
+        varying = _varying_axes(x)
+        return tuple(n for n in self.names if n not in varying)
+
+    def mean_of_gradients(self, tree: PyTree) -> PyTree:
+        """The mean over devices of per-device gradients of per-device losses."""
+        if not self.names:
+            return tree
+
+        def mean(x):
+            summed = self._summed_axes(x)
+            count = int(np.prod([s for n, s in zip(self.names, self.sizes) if n in summed]))
+            if count > 1:
+                x = (x / count).astype(x.dtype)
+            averaged = tuple(n for n in self.names if n not in summed)
+            return lax.pmean(x, averaged) if averaged else x
+
+        return jax.tree_util.tree_map(mean, tree)
+
+    def mean_of_losses(self, loss: jax.Array) -> jax.Array:
+        if not self.names:
+            return loss
+        if self._summed_axes(loss):
+            raise ValueError(
+                f"loss_fn returned a loss that does not vary over axis {self._summed_axes(loss)[0]!r}: with "
+                "axis_name, each device holds its own shard of the batches and loss_fn returns the mean over "
+                "that shard (meta_value_and_grad averages over the axis itself)"
+            )
+        return lax.pmean(loss, self.names)
+
+
+# ------------------------------------------------------------------------------------------
+# The inner loop.
+
+
+@dataclasses.dataclass(frozen=True)
+class _InnerLoop:
+    """Everything fixed about one call: the loss over the differentiable leaves, the update
+    rule, the batches and the device axis."""
+
+    loss_fn: LossFn
+    has_aux: bool
+    rest: PyTree  # non-differentiable leaves of params
+    optimizer: optax.GradientTransformation
+    steps: int
+    inner_batch: Any
+    per_step_batches: bool
+    axis: _DeviceAxis
+
+    def loss_and_aux(self, theta: PyTree, batch: Any):
+        return _split_output(self.loss_fn(merge_differentiable(theta, self.rest), batch), self.has_aux)
+
+    def loss(self, theta: PyTree, batch: Any) -> jax.Array:
+        return self.loss_and_aux(theta, batch)[0]
+
+    def local_gradient(self, theta: PyTree, batch: Any) -> PyTree:
+        return jax.grad(self.loss)(theta, batch)
+
+    def step_map(self, theta, state_diff, gradient, state_rest):
+        """:math:`S_k`: ``((theta + u, s'_diff), s'_rest)``; the non-differentiable part of the
+        optimiser state (counters) rides along as aux."""
+        state = merge_differentiable(state_diff, state_rest)
+        updates, new_state = self.optimizer.update(gradient, state, theta)
+        new_diff, new_rest = split_differentiable(new_state)
+        return (optax.apply_updates(theta, updates), new_diff), new_rest
+
+    def scan(self, body, carry, reverse: bool = False, extra_xs: Any = None):
+        """``lax.scan`` of ``body(carry, (batch_k, extra_k))`` over the K steps. One step is called
+        directly (a length-1 loop buys nothing), with its outputs given the leading axis."""
+        batches = self.inner_batch if self.per_step_batches else None
+        xs = (batches, extra_xs)
+        if self.steps == 1:
+            first = jax.tree_util.tree_map(lambda x: x[0], xs)
+            carry, ys = body(carry, self._with_batch(first))
+            return carry, jax.tree_util.tree_map(lambda y: y[None], ys)
+        return lax.scan(lambda c, x: body(c, self._with_batch(x)), carry, xs, length=self.steps, reverse=reverse)
+
+    def _with_batch(self, x):
+        batch, extra = x
+        return (self.inner_batch if batch is None else batch), extra
+
+    def forward_step(self, carry, x):
+        """One inner step, recording nothing."""
+        theta, state_diff, state_rest = carry
+        batch, _ = x
+        gradient = self.axis.mean_of_gradients(self.local_gradient(theta, batch))
+        (theta, state_diff), state_rest = self.step_map(theta, state_diff, gradient, state_rest)
+        return (theta, state_diff, state_rest), None
+
+
+def _linearized_inner_gradient(loop: _InnerLoop, theta: PyTree, batch: Any, mode: str):
+    """The local inner gradient at ``theta`` and ``u -> H_local u`` (``mode``: "jvp" or "vjp")."""
+    gradient_fn = lambda t: loop.local_gradient(t, batch)
+    if mode == "jvp":
+        return jax.linearize(gradient_fn, theta)
+    local, pullback = jax.vjp(gradient_fn, theta)
+    return local, jax.tree_util.Partial(_first_of_pullback, pullback)
+
+
+def _first_of_pullback(pullback, u):
+    return pullback(u)[0]
+
+
+def _build_loop(loss_fn, params, inner_batch, *, inner_lr, inner_optimizer, inner_opt_state, inner_steps,
+                per_step_batches, has_aux, axis_name):
+    """The inner loop of one call, the differentiable leaves and the optimiser's initial state."""
+    differentiable, rest = split_differentiable(params)
+    steps = _resolve_inner_steps(inner_steps, inner_batch, per_step_batches)
+    if (inner_lr is None) == (inner_optimizer is None):
+        raise ValueError("give exactly one of inner_lr (plain SGD rates) and inner_optimizer (an optax "
+                         "GradientTransformation)")
+    if inner_optimizer is None:
+        if inner_opt_state is not None:
+            raise ValueError("inner_opt_state needs inner_optimizer; for learned rates use "
+                             "inner_optimizer=learned_sgd(rates)")
+        inner_optimizer = learned_sgd(_rates_on_differentiable(inner_lr, params, differentiable, steps, False))
+    elif not isinstance(inner_optimizer, optax.GradientTransformation):
+        raise ValueError(f"inner_optimizer must be an optax GradientTransformation, got {_describe(inner_optimizer)}")
+    state = inner_optimizer.init(differentiable) if inner_opt_state is None else inner_opt_state
+    if isinstance(state, (LearnedSgdState, PerStepSgdState)):
+        # learned_sgd reads its rates from the state: fit them to the differentiable leaves.
+        per_step = isinstance(state, PerStepSgdState)
+        rates = _rates_on_differentiable(state.rates, params, differentiable, steps, per_step, "learned_sgd rates")
+        state = state._replace(rates=rates)
+    loop = _InnerLoop(loss_fn, has_aux, rest, inner_optimizer, steps, inner_batch, per_step_batches,
+                      _DeviceAxis.bind(axis_name))
+    return loop, differentiable, state
+
+
+# ------------------------------------------------------------------------------------------
+# Public functions.
 
 
 def inner_adapt(
@@ -150,21 +497,63 @@ def inner_adapt(
     params: PyTree,
     inner_batch: Any,
     *,
-    inner_lr: Any,
-    inner_steps: int = 1,
+    inner_lr: Any = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
+    inner_opt_state: Any = None,
+    inner_steps: int | None = None,
+    per_step_batches: bool = False,
     has_aux: bool = False,
-    axis_name: str | None = None,
+    axis_name: Any = None,
 ) -> PyTree:
-    r"""The adapted parameters :math:`\theta_K` (plain SGD on ``inner_batch``, differentiable).
+    r"""The adapted parameters :math:`\theta_K` (differentiable), shaped like ``params``.
 
-    :math:`\theta_{k+1} = \theta_k - \alpha \odot \mathrm{mean}_{\text{axis}} \nabla L(\theta_k; T_i)`.
+    The inner loop of :func:`meta_value_and_grad` (same arguments):
+    :math:`\theta_{k+1} = \theta_k + U(\mathrm{mean}_{\text{axis}} \nabla L(\theta_k; T_i^{(k)}), s_k, \theta_k)`,
+    plain SGD :math:`\theta_{k+1} = \theta_k - \alpha \odot g_k` with ``inner_lr``.
+    Non-differentiable leaves are returned unchanged.
     """
-    _validate_inner_update(inner_steps, inner_lr, params)
-    scalar_loss = _split_loss(loss_fn, has_aux)
-    for _ in range(inner_steps):
-        inner_grad = _axis_mean(jax.grad(scalar_loss)(params, inner_batch), axis_name)
-        params = _subtract(params, _scale(inner_lr, inner_grad))
-    return params
+    loop, theta, state = _build_loop(
+        loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
+        inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
+        has_aux=has_aux, axis_name=axis_name,
+    )
+    state_diff, state_rest = split_differentiable(state)
+    (theta, _, _), _ = loop.scan(loop.forward_step, (theta, state_diff, state_rest))
+    return merge_differentiable(theta, loop.rest)
+
+
+def hessian_vector_product(
+    loss_fn: LossFn,
+    params: PyTree,
+    batch: Any,
+    vector: PyTree,
+    *,
+    mode: str = "jvp",
+    has_aux: bool = False,
+    axis_name: Any = None,
+) -> PyTree:
+    r""":math:`H u` with :math:`H = \nabla^2 L(\theta; B)`, without forming :math:`H`.
+
+    ``mode="jvp"``: forward-over-reverse, :math:`\partial_\epsilon \nabla L(\theta + \epsilon u)`
+    (``jax.linearize`` of the gradient); ``mode="vjp"``: reverse-over-reverse, the
+    supplementary's Eq. 5, :math:`\nabla_\theta \langle u, \nabla L(\theta) \rangle` (``jax.vjp``
+    of the gradient; equal because :math:`H` is symmetric). ``vector`` is shaped like the
+    differentiable leaves of ``params`` (``None`` elsewhere, or any value there: it is
+    ignored); the result holds ``None`` at non-differentiable leaves. With ``axis_name`` the
+    product is averaged over the devices' batches: :math:`\mathrm{mean}_d H_d u` (``vector``
+    identical on every device).
+    """
+    if mode not in ("jvp", "vjp"):
+        raise ValueError(f"mode={mode!r}: choose 'jvp' (forward-over-reverse) or 'vjp' (reverse-over-reverse)")
+    differentiable, rest = split_differentiable(params)
+    if jax.tree_util.tree_structure(vector) == jax.tree_util.tree_structure(params):
+        vector = jax.tree_util.tree_map(lambda u, p: u if is_differentiable(p) else None, vector, params)
+    elif jax.tree_util.tree_structure(vector) != jax.tree_util.tree_structure(differentiable):
+        raise ValueError(f"vector must be shaped like params; got {jax.tree_util.tree_structure(vector)} for "
+                         f"{jax.tree_util.tree_structure(params)}")
+    loop = _InnerLoop(loss_fn, has_aux, rest, learned_sgd(0.0), 1, batch, False, _DeviceAxis.bind(axis_name))
+    _, hvp = _linearized_inner_gradient(loop, differentiable, batch, mode)
+    return loop.axis.mean_of_gradients(hvp(vector))
 
 
 def meta_value_and_grad(
@@ -173,11 +562,16 @@ def meta_value_and_grad(
     inner_batch: Any,
     outer_batch: Any,
     *,
-    inner_lr: Any,
+    inner_lr: Any = None,
+    inner_optimizer: optax.GradientTransformation | None = None,
+    inner_opt_state: Any = None,
     method: str = "exact",
-    inner_steps: int = 1,
+    inner_steps: int | None = None,
+    per_step_batches: bool = False,
     has_aux: bool = False,
-    axis_name: str | None = None,
+    axis_name: Any = None,
+    remat: bool = False,
+    return_opt_state_grad: bool = False,
 ):
     r"""Outer loss at the adapted parameters and its gradient with respect to ``params``.
 
@@ -185,73 +579,118 @@ def meta_value_and_grad(
       loss_fn: ``loss_fn(params, batch) -> loss`` (a scalar mean over the batch), or
         ``-> (loss, aux)`` with ``has_aux=True``. Any JAX model plugs in; close over
         non-differentiated state (BatchNorm statistics, rngs) and return its update as aux.
-      params: the pytree :math:`\theta` to differentiate.
-      inner_batch: :math:`T_i`, used for every inner step.
+      params: the pytree :math:`\theta`. Inexact arrays are differentiated; other leaves pass
+        through (see the module docstring).
+      inner_batch: :math:`T_i`, used for every inner step; with ``per_step_batches=True``
+        every leaf has a leading axis :math:`K` and step :math:`k` uses ``[k]``.
       outer_batch: :math:`T_j`.
-      inner_lr: :math:`\eta`, a scalar (may be traced), or a pytree with the structure of
-        ``params`` whose leaves broadcast to the parameters' shapes (Meta-SGD).
+      inner_lr: plain SGD rates :math:`\alpha`: a scalar (may be traced), or a pytree with the
+        structure of ``params`` (or of its differentiable leaves) whose leaves broadcast to
+        the parameters' shapes (Meta-SGD). Exclusive with ``inner_optimizer``.
+      inner_optimizer: the inner update rule, any optax ``GradientTransformation`` (momentum
+        SGD, Adam, :func:`learned_sgd` for learned per-parameter or per-step rates, ...). It
+        sees the differentiable leaves only (``None`` elsewhere).
+      inner_opt_state: its initial state :math:`s_0`; default
+        ``inner_optimizer.init(differentiable leaves of params)``.
       method: one of :data:`METHODS`; see the module docstring for the math of each.
-      inner_steps: :math:`K \ge 1`.
+      inner_steps: :math:`K \ge 1`; default 1, or the leading axis of per-step batches.
+      per_step_batches: see ``inner_batch``.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; the inner steps' aux is dropped, the
         outer step's aux (evaluated at :math:`\theta_K` on ``outer_batch``) is returned.
-      axis_name: the data-parallel axis (inside ``pmap``); inner gradients, the returned loss
-        and the returned gradient are averaged over it, so N devices give the result of one
-        device with the concatenated batch.
+      axis_name: the data-parallel axis (inside ``pmap``, ``shard_map`` or ``vmap``); inner
+        gradients, the returned loss and the returned gradients are averaged over it, so N
+        devices give the result of one device with the concatenated batch.
+      remat: store only each inner step's parameters and optimiser state, and recompute its
+        linearisation in the backward walk (memory flat in :math:`K`; about one extra inner
+        gradient per step).
+      return_opt_state_grad: also return the gradient with respect to ``inner_opt_state``
+        (learned rates with :func:`learned_sgd`, or hyperparameters injected with
+        ``optax.inject_hyperparams``).
 
     Returns:
       ``(outer_loss, grads)``, or ``((outer_loss, aux), grads)`` with ``has_aux``; ``grads``
-      has the structure of ``params``.
+      has the structure of ``params`` with ``None`` at non-differentiable leaves. With
+      ``return_opt_state_grad``, ``grads`` is ``(param_grads, opt_state_grads)``, the latter
+      shaped like the optimiser state (``None`` at integer leaves such as step counters).
 
     Raises:
-      ValueError: unknown ``method``, ``inner_steps`` not an int >= 1, or an ``inner_lr``
-        tree that does not match ``params``.
+      ValueError: an unknown ``method``; ``inner_steps`` not an int >= 1; rates that do not
+        fit ``params``; per-step batches without the leading axis K; ``has_aux`` not matching
+        what ``loss_fn`` returns, or a non-scalar loss; ``axis_name`` not bound.
     """
-    _validate(method, inner_steps, inner_lr, params)
+    _check_method(method)
+    loop, theta, state = _build_loop(
+        loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
+        inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
+        has_aux=has_aux, axis_name=axis_name,
+    )
+    state_diff, state_rest = split_differentiable(state)
     if method == "exact":
-        outer_value, grads = _exact(loss_fn, params, inner_batch, outer_batch, inner_lr, inner_steps, has_aux, axis_name)
+        (loss, aux), (theta_bar, state_bar) = _exact(loop, theta, state_diff, state_rest, outer_batch, remat)
     else:
-        outer_value, grads = _walk_back(
-            loss_fn, params, inner_batch, outer_batch, inner_lr, inner_steps, has_aux, axis_name, method
-        )
-    if has_aux:
-        loss, aux = outer_value
-        return (_axis_mean(loss, axis_name), aux), grads
-    return _axis_mean(outer_value, axis_name), grads
+        (loss, aux), (theta_bar, state_bar) = _walk_back(loop, theta, state_diff, state_rest, outer_batch, method, remat)
+    grads = (theta_bar, state_bar) if return_opt_state_grad else theta_bar
+    loss = loop.axis.mean_of_losses(loss)
+    return ((loss, aux), grads) if has_aux else (loss, grads)
 
 
-def _exact(loss_fn, params, inner_batch, outer_batch, inner_lr, inner_steps, has_aux, axis_name):
-    def outer_loss_after_adaptation(theta):
-        adapted = inner_adapt(
-            loss_fn, theta, inner_batch, inner_lr=inner_lr, inner_steps=inner_steps, has_aux=has_aux, axis_name=axis_name
-        )
-        return loss_fn(adapted, outer_batch)
+def _exact(loop: _InnerLoop, theta, state_diff, state_rest, outer_batch, remat: bool):
+    body = jax.checkpoint(loop.forward_step) if remat else loop.forward_step
 
-    outer_value, grads = jax.value_and_grad(outer_loss_after_adaptation, has_aux=has_aux)(params)
-    return outer_value, _axis_mean(grads, axis_name)
+    def outer_loss_after_adaptation(theta0, state0):
+        (theta_k, _, _), _ = loop.scan(body, (theta0, state0, state_rest))
+        return loop.loss_and_aux(theta_k, outer_batch)
+
+    value, grads = jax.value_and_grad(outer_loss_after_adaptation, argnums=(0, 1), has_aux=True)(theta, state_diff)
+    return value, loop.axis.mean_of_gradients(grads)
 
 
-def _walk_back(loss_fn, params, inner_batch, outer_batch, inner_lr, inner_steps, has_aux, axis_name, method):
-    scalar_loss = _split_loss(loss_fn, has_aux)
+_HVP_MODE = {"hvp_jvp": "jvp", "hvp_vjp": "vjp", "first_order": None}
 
-    def local_inner_grad(theta):
-        return jax.grad(scalar_loss)(theta, inner_batch)
 
-    # Forward: step through the inner trajectory, keeping each step's u -> H_k u.
-    hessian_vector_products = []
-    for _ in range(inner_steps):
-        if method == "hvp_vjp":
-            local_grad, pullback = jax.vjp(local_inner_grad, params)
-            hessian_vector_products.append(lambda u, pullback=pullback: pullback(u)[0])
-        elif method == "hvp_jvp":
-            local_grad, pushforward = jax.linearize(local_inner_grad, params)
-            hessian_vector_products.append(pushforward)
-        else:  # first_order needs only the trajectory
-            local_grad = local_inner_grad(params)
-        params = _subtract(params, _scale(inner_lr, _axis_mean(local_grad, axis_name)))
+def _walk_back(loop: _InnerLoop, theta, state_diff, state_rest, outer_batch, method: str, remat: bool):
+    """Forward through the inner loop, then the backward walk of the module docstring."""
+    mode = _HVP_MODE[method]
 
-    outer_value, outer_grad = jax.value_and_grad(loss_fn, has_aux=has_aux)(params, outer_batch)
-    # v must be the global G before any H_k u: a per-device vector would give mean_d H_d v_d.
-    v = _axis_mean(outer_grad, axis_name)
-    for hessian_times in reversed(hessian_vector_products):
-        v = _subtract(v, _axis_mean(hessian_times(_scale(inner_lr, v)), axis_name))
-    return outer_value, v
+    def linearize_step(theta_k, state_diff_k, state_rest_k, batch):
+        """Step k's update and the two maps the walk needs: VJP(S_k) and u -> H_k u."""
+        if mode is None:
+            local_gradient, hvp = loop.local_gradient(theta_k, batch), None
+        else:
+            local_gradient, hvp = _linearized_inner_gradient(loop, theta_k, batch, mode)
+        gradient = loop.axis.mean_of_gradients(local_gradient)
+        step_map = lambda t, s, g: loop.step_map(t, s, g, state_rest_k)
+        new_carry, step_vjp, new_rest = jax.vjp(step_map, theta_k, state_diff_k, gradient, has_aux=True)
+        return new_carry, new_rest, step_vjp, hvp
+
+    def forward(carry, x):
+        theta_k, state_diff_k, state_rest_k = carry
+        batch, _ = x
+        if remat:  # keep only the step's inputs; the walk recomputes the rest
+            next_carry, _ = loop.forward_step(carry, x)
+            return next_carry, (theta_k, state_diff_k, state_rest_k)
+        (theta_next, state_next), rest_next, step_vjp, hvp = linearize_step(theta_k, state_diff_k, state_rest_k, batch)
+        return (theta_next, state_next, rest_next), (step_vjp, hvp)
+
+    (theta_k, state_diff_k, _), records = loop.scan(forward, (theta, state_diff, state_rest))
+    (loss, aux), outer_gradient = jax.value_and_grad(loop.loss_and_aux, has_aux=True)(theta_k, outer_batch)
+    # The walk's vectors must be global (identical on every device) before any H_k u: a
+    # per-device vector would give mean_d H_d v_d.
+    theta_bar = loop.axis.mean_of_gradients(outer_gradient)
+    state_bar = jax.tree_util.tree_map(jnp.zeros_like, state_diff_k)
+
+    def backward(cotangents, x):
+        theta_bar_next, state_bar_next = cotangents
+        batch, record = x
+        if remat:
+            _, _, step_vjp, hvp = linearize_step(*record, batch)
+        else:
+            step_vjp, hvp = record
+        theta_bar_k, state_bar_k, gradient_bar = step_vjp((theta_bar_next, state_bar_next))
+        if hvp is not None:
+            curvature = loop.axis.mean_of_gradients(hvp(gradient_bar))
+            theta_bar_k = jax.tree_util.tree_map(jnp.add, theta_bar_k, curvature)
+        return (theta_bar_k, state_bar_k), None
+
+    (theta_bar, state_bar), _ = loop.scan(backward, (theta_bar, state_bar), reverse=True, extra_xs=records)
+    return (loss, aux), (theta_bar, state_bar)

@@ -6,84 +6,22 @@ outer loss through the inner update, the explicit product of (I - lr H_k) with H
 """
 
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from meta_problems import adapted_outer_loss, make_problem, relative_error, scalar
 
 from fgnet_jax.meta import METHODS, inner_adapt, meta_value_and_grad
 
 EXACT_METHODS = ("exact", "hvp_vjp", "hvp_jvp")
-NUM_DEVICES = 4
 
 
 @pytest.fixture(autouse=True)
 def float64():
     with jax.enable_x64(True):
         yield
-
-
-class TinyBatchNormNet(nn.Module):
-    """Dense -> BatchNorm (training mode, optionally synchronised) -> tanh -> Dense."""
-
-    axis_name: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.Dense(6, param_dtype=jnp.float64)(x)
-        x = nn.BatchNorm(use_running_average=False, momentum=0.9, axis_name=self.axis_name, param_dtype=jnp.float64)(x)
-        return nn.Dense(3, param_dtype=jnp.float64)(jnp.tanh(x))
-
-
-def make_problem(seed=0, per_batch=8, axis_name=None):
-    """A BatchNorm model, its loss (aux = updated batch statistics) and two batches."""
-    model = TinyBatchNormNet(axis_name=axis_name)
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    x_inner = jax.random.normal(keys[0], (per_batch, 4), jnp.float64)
-    x_outer = jax.random.normal(keys[1], (per_batch, 4), jnp.float64) + 0.5
-    y_inner = jax.random.randint(keys[2], (per_batch,), 0, 3)
-    y_outer = jax.random.randint(keys[3], (per_batch,), 0, 3)
-    variables = TinyBatchNormNet().init(keys[4], x_inner)
-    batch_stats = variables["batch_stats"]
-
-    def loss_with_stats(params, batch):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": batch_stats}, batch["x"], mutable=["batch_stats"]
-        )
-        log_probs = jax.nn.log_softmax(logits)
-        loss = -jnp.mean(jnp.take_along_axis(log_probs, batch["y"][:, None], axis=1))
-        return loss, updates["batch_stats"]
-
-    return (
-        loss_with_stats,
-        variables["params"],
-        {"x": x_inner, "y": y_inner},
-        {"x": x_outer, "y": y_outer},
-    )
-
-
-def scalar(loss_with_aux):
-    return lambda params, batch: loss_with_aux(params, batch)[0]
-
-
-def relative_error(actual, expected):
-    actual_flat, _ = ravel_pytree(actual)
-    expected_flat, _ = ravel_pytree(expected)
-    return float(jnp.linalg.norm(actual_flat - expected_flat) / jnp.linalg.norm(expected_flat))
-
-
-def adapted_outer_loss(loss_fn, inner_batch, outer_batch, lr, steps):
-    """theta -> L(theta_K; T_j), the update written out by hand (no library code)."""
-
-    def f(theta):
-        for _ in range(steps):
-            g = jax.grad(loss_fn)(theta, inner_batch)
-            theta = jax.tree_util.tree_map(lambda p, gi: p - lr * gi, theta, g)
-        return loss_fn(theta, outer_batch)
-
-    return f
 
 
 @pytest.mark.parametrize("inner_steps", [1, 2, 3])
@@ -214,44 +152,6 @@ def test_per_parameter_inner_lr_equals_grad_through_update(method):
     expected = first_order_reference(params) if method == "first_order" else jax.grad(outer_after_meta_sgd_step)(params)
     _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=inner_lr, method=method)
     assert relative_error(grads, expected) <= 1e-10
-
-
-@pytest.mark.parametrize("inner_steps", [1, 2])
-@pytest.mark.parametrize("method", METHODS)
-def test_pmap_four_devices_equal_one_device(method, inner_steps):
-    """Synchronised BatchNorm over 4 devices == one device with the concatenated batch."""
-    assert jax.local_device_count() >= NUM_DEVICES, "tests/conftest.py should give 4 CPU devices"
-    per_device = 3
-    single_loss, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * per_device)
-    sharded_loss, _, _, _ = make_problem(seed=8, per_batch=NUM_DEVICES * per_device, axis_name="batch")
-    shard = lambda batch: jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, per_device, *x.shape[1:]), batch)
-    kwargs = dict(inner_lr=0.4, method=method, inner_steps=inner_steps, has_aux=True)
-
-    (loss_1, stats_1), grads_1 = meta_value_and_grad(single_loss, params, inner, outer, **kwargs)
-    parallel = jax.pmap(
-        lambda p, i, o: meta_value_and_grad(sharded_loss, p, i, o, axis_name="batch", **kwargs),
-        axis_name="batch",
-        in_axes=(None, 0, 0),
-    )
-    (loss_n, stats_n), grads_n = parallel(params, shard(inner), shard(outer))
-
-    for device in range(NUM_DEVICES):
-        take = lambda tree: jax.tree_util.tree_map(lambda x: x[device], tree)
-        np.testing.assert_allclose(loss_n[device], loss_1, rtol=1e-9)
-        assert relative_error(take(grads_n), grads_1) <= 1e-9
-        assert relative_error(take(stats_n), stats_1) <= 1e-9
-
-
-def test_pmap_without_axis_averaging_differs():
-    """Guards the test above: per-device inner steps (no axis_name) give another result."""
-    per_device = 3
-    single_loss, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * per_device)
-    shard = lambda batch: jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, per_device, *x.shape[1:]), batch)
-    _, grads_1 = meta_value_and_grad(scalar(single_loss), params, inner, outer, inner_lr=0.4)
-    local = jax.pmap(lambda p, i, o: meta_value_and_grad(scalar(single_loss), p, i, o, inner_lr=0.4), in_axes=(None, 0, 0))
-    _, grads_local = local(params, shard(inner), shard(outer))
-    mean_of_local = jax.tree_util.tree_map(lambda x: x.mean(0), grads_local)
-    assert relative_error(mean_of_local, grads_1) > 1e-3
 
 
 @pytest.mark.parametrize("method", METHODS)

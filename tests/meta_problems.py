@@ -1,0 +1,77 @@
+"""Small float64 problems and hand-written references shared by the meta-gradient tests.
+
+The references use only JAX itself (``jax.grad`` through inner loops written out here), never
+fgnet_jax.meta, so that they are independent of the code under test.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+
+class TinyBatchNormNet(nn.Module):
+    """Dense -> BatchNorm (training mode, optionally synchronised over ``axis_name``) -> tanh -> Dense."""
+
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(6, param_dtype=jnp.float64)(x)
+        x = nn.BatchNorm(use_running_average=False, momentum=0.9, axis_name=self.axis_name, param_dtype=jnp.float64)(x)
+        return nn.Dense(3, param_dtype=jnp.float64)(jnp.tanh(x))
+
+
+def make_problem(seed=0, per_batch=8, axis_name=None, inner_steps=None):
+    """A BatchNorm model, its loss (aux = updated batch statistics), params and two batches.
+
+    With ``inner_steps``, the inner batch has a leading axis of that length (one batch per
+    step). With ``axis_name``, BatchNorm statistics are averaged over that device axis: the
+    loss depends on every device's shard, which is what makes data parallelism non-trivial.
+    """
+    model = TinyBatchNormNet(axis_name=axis_name)
+    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    leading = () if inner_steps is None else (inner_steps,)
+    x_inner = jax.random.normal(keys[0], leading + (per_batch, 4), jnp.float64)
+    x_outer = jax.random.normal(keys[1], (per_batch, 4), jnp.float64) + 0.5
+    y_inner = jax.random.randint(keys[2], leading + (per_batch,), 0, 3)
+    y_outer = jax.random.randint(keys[3], (per_batch,), 0, 3)
+    variables = TinyBatchNormNet().init(keys[4], x_outer)
+    batch_stats = variables["batch_stats"]
+
+    def loss_with_stats(params, batch):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["x"], mutable=["batch_stats"])
+        log_probs = jax.nn.log_softmax(logits)
+        loss = -jnp.mean(jnp.take_along_axis(log_probs, batch["y"][:, None], axis=1))
+        return loss, updates["batch_stats"]
+
+    return loss_with_stats, variables["params"], {"x": x_inner, "y": y_inner}, {"x": x_outer, "y": y_outer}
+
+
+def scalar(loss_with_aux):
+    return lambda params, batch: loss_with_aux(params, batch)[0]
+
+
+def relative_error(actual, expected):
+    actual_flat, _ = ravel_pytree(actual)
+    expected_flat, _ = ravel_pytree(expected)
+    return float(jnp.linalg.norm(actual_flat - expected_flat) / jnp.linalg.norm(expected_flat))
+
+
+def take_step_batch(batch, k):
+    return jax.tree_util.tree_map(lambda x: x[k], batch)
+
+
+def adapted_outer_loss(loss_fn, inner_batch, outer_batch, lr, steps, per_step_batches=False):
+    """theta -> L(theta_K; T_j) with K plain SGD steps, the update written out by hand."""
+
+    def f(theta):
+        for k in range(steps):
+            batch = take_step_batch(inner_batch, k) if per_step_batches else inner_batch
+            g = jax.grad(loss_fn)(theta, batch)
+            theta = jax.tree_util.tree_map(lambda p, gi: p - lr * gi, theta, g)
+        return loss_fn(theta, outer_batch)
+
+    return f

@@ -1,0 +1,316 @@
+"""General inner loops of fgnet_jax.meta, in float64 against hand-written references.
+
+Inner optimisers (momentum SGD, Adam, learned per-parameter and per-step rates), a batch per
+inner step, ``lax.scan`` and remat; gradients with respect to learned rates and injected
+hyperparameters; non-differentiable leaves; the Hessian-vector product helper; and the
+one-line errors. Every reference is ``jax.grad`` through an inner loop written out in this
+file (optimisers included), never the library's own loop.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+from meta_problems import make_problem, relative_error, scalar, take_step_batch
+
+from fgnet_jax.meta import (
+    METHODS,
+    hessian_vector_product,
+    inner_adapt,
+    learned_sgd,
+    meta_value_and_grad,
+)
+
+TOLERANCE = 1e-10
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def tree_map(f, *trees):
+    return jax.tree_util.tree_map(f, *trees)
+
+
+# ------------------------------------------------------------------------------------------
+# Hand-written inner optimisers: (init(params, hyper), step(grad, state, params, hyper) -> (new params, state)).
+
+
+def momentum_rule(lr=0.3, momentum=0.9):
+    def init(params, hyper):
+        return tree_map(jnp.zeros_like, params)
+
+    def step(grad, velocity, params, hyper):
+        velocity = tree_map(lambda v, g: momentum * v + g, velocity, grad)
+        return tree_map(lambda p, v: p - lr * v, params, velocity), velocity
+
+    return init, step
+
+
+def adam_rule(b1=0.9, b2=0.99, eps=1e-3, eps_root=1e-8):
+    """Adam with bias correction; ``hyper`` is the learning rate. ``eps_root`` inside the square
+    root keeps its derivative finite where a gradient entry is exactly 0 (the bias before
+    BatchNorm)."""
+
+    def init(params, hyper):
+        return (tree_map(jnp.zeros_like, params), tree_map(jnp.zeros_like, params), 0)
+
+    def step(grad, state, params, lr):
+        m, v, t = state
+        t = t + 1
+        m = tree_map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grad)
+        v = tree_map(lambda v_, g: b2 * v_ + (1 - b2) * g * g, v, grad)
+        update = lambda p, m_, v_: p - lr * (m_ / (1 - b1**t)) / (jnp.sqrt(v_ / (1 - b2**t) + eps_root) + eps)
+        return tree_map(update, params, m, v), (m, v, t)
+
+    return init, step
+
+
+def per_parameter_rule():
+    """theta - alpha * g with ``hyper`` = alpha, a tree shaped like params (Meta-SGD)."""
+    return (lambda params, hyper: None), (lambda grad, state, params, rates: (
+        tree_map(lambda p, a, g: p - a * g, params, rates, grad), state))
+
+
+def per_step_rule():
+    """theta - alpha_k * g with ``hyper`` = per-step rate trees stacked on a leading axis."""
+
+    def step(grad, k, params, rates):
+        return tree_map(lambda p, a, g: p - a[k] * g, params, rates, grad), k + 1
+
+    return (lambda params, hyper: 0), step
+
+
+def unrolled_outer_loss(loss_fn, rule, inner_batch, outer_batch, steps, per_step_batches, first_order=False):
+    """(theta, hyper) -> L(theta_K; T_j), the inner loop written out; with ``first_order`` the
+    inner gradients are constants (stop_gradient), which is what the first-order walk means."""
+    init, step = rule
+
+    def f(theta, hyper):
+        state = init(theta, hyper)
+        for k in range(steps):
+            batch = take_step_batch(inner_batch, k) if per_step_batches else inner_batch
+            grad = jax.grad(loss_fn)(theta, batch)
+            if first_order:
+                grad = jax.lax.stop_gradient(grad)
+            theta, state = step(grad, state, theta, hyper)
+        return loss_fn(theta, outer_batch)
+
+    return f
+
+
+def random_rates(params, seed, leading=()):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.random.uniform(k, leading + x.shape, jnp.float64, 0.05, 0.5) for k, x in zip(keys, leaves)]
+    )
+
+
+def optimizer_case(name, params, steps):
+    """(library optimiser, hand-written rule, its hyperparameters) for one optimiser."""
+    if name == "momentum":
+        return optax.sgd(0.3, momentum=0.9), momentum_rule(0.3, 0.9), None
+    if name == "adam":
+        return optax.adam(0.05, b1=0.9, b2=0.99, eps=1e-3, eps_root=1e-8), adam_rule(), 0.05
+    if name == "per_parameter":
+        rates = random_rates(params, 1)
+        return learned_sgd(rates), per_parameter_rule(), rates
+    rates = random_rates(params, 2, leading=(steps,))
+    return learned_sgd(rates, per_step=True), per_step_rule(), rates
+
+
+OPTIMIZERS = ("momentum", "adam", "per_parameter", "per_step")
+LOOPS = [  # (K, a batch per step, remat)
+    (1, False, False),
+    (2, True, False),
+    (3, False, False),
+    (3, True, True),
+    (3, False, True),
+]
+
+
+@pytest.mark.parametrize("steps, per_step_batches, remat", LOOPS)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_inner_optimizers_match_grad_through_the_unrolled_loop(optimizer, steps, per_step_batches, remat):
+    loss_with_aux, params, inner, outer = make_problem(seed=11, inner_steps=steps if per_step_batches else None)
+    loss_fn = scalar(loss_with_aux)
+    tx, rule, hyper = optimizer_case(optimizer, params, steps)
+
+    @jax.jit
+    def all_methods(p):
+        return {
+            method: meta_value_and_grad(loss_fn, p, inner, outer, inner_optimizer=tx, method=method, inner_steps=steps,
+                                        per_step_batches=per_step_batches, remat=remat)
+            for method in METHODS
+        }
+
+    results = all_methods(params)
+    for first_order, methods in ((False, ("exact", "hvp_vjp", "hvp_jvp")), (True, ("first_order",))):
+        objective = unrolled_outer_loss(loss_fn, rule, inner, outer, steps, per_step_batches, first_order)
+        expected_loss, expected = jax.jit(jax.value_and_grad(objective))(params, hyper)
+        for method in methods:
+            loss, grads = results[method]
+            np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
+            assert relative_error(grads, expected) <= TOLERANCE, method
+    # The curvature terms matter here, so the first-order comparison above is not vacuous.
+    assert relative_error(results["first_order"][1], results["exact"][1]) > 1e-3
+
+
+@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("optimizer", ("per_parameter", "per_step", "adam_learning_rate"))
+def test_gradient_with_respect_to_learned_rates(optimizer, remat):
+    """Meta-SGD, MAML++ per-step rates and Adam's injected learning rate: the meta-gradient
+    with respect to the optimiser's state equals jax.grad through the written-out loop."""
+    steps = 2
+    loss_with_aux, params, inner, outer = make_problem(seed=12, inner_steps=steps)
+    loss_fn = scalar(loss_with_aux)
+    if optimizer == "adam_learning_rate":
+        tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=0.9, b2=0.99, eps=1e-3, eps_root=1e-8)
+        rule, hyper = adam_rule(), 0.05
+        rate_gradient = lambda state_grads: state_grads.hyperparams["learning_rate"]
+    else:
+        tx, rule, hyper = optimizer_case(optimizer, params, steps)
+        rate_gradient = lambda state_grads: state_grads.rates
+    objective = unrolled_outer_loss(loss_fn, rule, inner, outer, steps, True)
+    expected_params, expected_rates = jax.jit(jax.grad(objective, argnums=(0, 1)))(params, hyper)
+    all_methods = jax.jit(lambda p: {
+        method: meta_value_and_grad(loss_fn, p, inner, outer, inner_optimizer=tx, method=method, per_step_batches=True,
+                                    remat=remat, return_opt_state_grad=True)
+        for method in ("exact", "hvp_vjp", "hvp_jvp")
+    })
+    for method, (_, (param_grads, state_grads)) in all_methods(params).items():
+        assert relative_error(param_grads, expected_params) <= TOLERANCE, method
+        assert relative_error(rate_gradient(state_grads), expected_rates) <= TOLERANCE, method
+        assert state_grads.count is None  # the step counter is an integer: not differentiated
+
+
+def test_per_step_batches_are_used_in_order():
+    """Reversing the per-step batches changes the result (each step really takes its own batch)."""
+    loss_with_aux, params, inner, outer = make_problem(seed=13, inner_steps=3)
+    loss_fn = scalar(loss_with_aux)
+    objective = unrolled_outer_loss(loss_fn, momentum_rule(0.3, 0.9), inner, outer, 3, True)
+    expected = jax.jit(jax.grad(objective))(params, None)
+    meta_gradient = jax.jit(lambda p, i: meta_value_and_grad(
+        loss_fn, p, i, outer, inner_optimizer=optax.sgd(0.3, momentum=0.9), method="hvp_jvp", per_step_batches=True))
+    _, grads = meta_gradient(params, inner)
+    _, reversed_grads = meta_gradient(params, tree_map(lambda x: x[::-1], inner))
+    assert relative_error(grads, expected) <= TOLERANCE
+    assert relative_error(reversed_grads, expected) > 1e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_program_size_is_flat_in_the_number_of_inner_steps(method):
+    """lax.scan: the traced program for K = 2 and K = 8 has the same number of equations."""
+    loss_with_aux, params, inner, outer = make_problem(seed=14)
+    loss_fn = scalar(loss_with_aux)
+
+    def size(steps, remat):
+        jaxpr = jax.make_jaxpr(lambda p: meta_value_and_grad(loss_fn, p, inner, outer, inner_lr=0.1, method=method,
+                                                             inner_steps=steps, remat=remat))(params)
+        return len(jaxpr.eqns)
+
+    for remat in (False, True):
+        assert size(2, remat) == size(8, remat), remat
+
+
+# ------------------------------------------------------------------------------------------
+# Leaves that are not inexact arrays.
+
+
+def test_non_differentiable_leaves_pass_through_untouched():
+    """Integers, booleans, Python scalars, functions and None go to loss_fn unchanged; only the
+    float arrays are adapted and differentiated, and the gradient holds None elsewhere."""
+    loss_with_aux, float_params, inner, outer = make_problem(seed=15)
+    extras = {"step": jnp.asarray(3, jnp.int32), "use_tanh": np.bool_(True), "scale": 2.0,
+              "activation": jnp.tanh, "unused": None}
+    params = {"net": float_params, **extras}
+    seen = []
+
+    def loss_fn(p, batch):
+        seen.append({k: p[k] for k in extras})
+        base = scalar(loss_with_aux)(p["net"], batch)
+        return p["scale"] * p["activation"](base) + p["step"].astype(base.dtype) * 0.01
+
+    reference_loss = lambda net, batch: loss_fn({"net": net, **extras}, batch)
+    for method in METHODS:
+        seen.clear()
+        # Not jitted: the Python objects must reach loss_fn as they are.
+        _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2)
+        objective = unrolled_outer_loss(reference_loss, per_parameter_rule(), inner, outer, 2, False,
+                                        first_order=method == "first_order")
+        expected = jax.jit(jax.grad(objective))(float_params, tree_map(lambda x: 0.3, float_params))
+        assert relative_error(grads["net"], expected) <= TOLERANCE, method
+        assert all(grads[key] is None for key in extras), method
+        assert all(s["activation"] is jnp.tanh and s["scale"] == 2.0 and s["unused"] is None for s in seen)
+    adapted = inner_adapt(loss_fn, params, inner, inner_lr=0.3, inner_steps=2)
+    assert adapted["activation"] is jnp.tanh and adapted["scale"] == 2.0 and int(adapted["step"]) == 3
+    assert relative_error(adapted["net"], float_params) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["jvp", "vjp"])
+def test_hessian_vector_product_matches_explicit_hessian(mode):
+    loss_with_aux, params, inner, _ = make_problem(seed=16)
+    loss_fn = scalar(loss_with_aux)
+    flat, unravel = ravel_pytree(params)
+    direction = jax.random.normal(jax.random.PRNGKey(3), flat.shape, jnp.float64)
+    hessian = jax.hessian(lambda theta: loss_fn(unravel(theta), inner))(flat)
+    product = hessian_vector_product(loss_fn, params, inner, unravel(direction), mode=mode)
+    assert relative_error(ravel_pytree(product)[0], hessian @ direction) <= 1e-12
+
+
+# ------------------------------------------------------------------------------------------
+# Errors name the argument or leaf and the fix.
+
+
+def _problem():
+    loss_with_aux, params, inner, outer = make_problem(seed=17)
+    return loss_with_aux, params, inner, outer
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_has_aux_mismatch_is_named(method):
+    loss_with_aux, params, inner, outer = _problem()
+    with pytest.raises(ValueError, match=r"has_aux=True, but loss_fn returned an array of shape \(\).*\(loss, aux\)"):
+        meta_value_and_grad(scalar(loss_with_aux), params, inner, outer, inner_lr=0.1, method=method, has_aux=True)
+    with pytest.raises(ValueError, match="loss_fn returned a tuple of 2, but has_aux=False.*pass has_aux=True"):
+        meta_value_and_grad(loss_with_aux, params, inner, outer, inner_lr=0.1, method=method)
+    per_example = lambda p, b: jnp.sum(jnp.ones((3,)) * scalar(loss_with_aux)(p, b))[None]
+    with pytest.raises(ValueError, match=r"real scalar loss .*shape \(1,\)"):
+        meta_value_and_grad(per_example, params, inner, outer, inner_lr=0.1, method=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unbound_axis_name_is_one_clear_error(method):
+    loss_with_aux, params, inner, outer = _problem()
+    with pytest.raises(ValueError, match=r"axis_name='batch' is not bound here: call inside jax.pmap, jax.shard_map"):
+        meta_value_and_grad(scalar(loss_with_aux), params, inner, outer, inner_lr=0.1, method=method, axis_name="batch")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(inner_lr="wrong shape"), r"inner_lr\['BatchNorm_0'\]\['bias'\] has shape \(6, 2\), which does not broadcast"),
+        (dict(inner_lr=None), "give exactly one of inner_lr"),
+        (dict(inner_optimizer=optax.sgd(0.1)), "give exactly one of inner_lr"),
+        (dict(inner_lr=None, inner_optimizer="sgd"), "must be an optax GradientTransformation"),
+        (dict(inner_opt_state=0), "inner_opt_state needs inner_optimizer"),
+        (dict(per_step_batches=True, inner_steps=3), r"inner_batch\['x'\] has shape \(8, 4\).*leading axis K=3"),
+        (dict(inner_lr=None, inner_optimizer="per_step_rates_of_3", inner_steps=2),
+         r"learned_sgd rates\['BatchNorm_0'\]\['bias'\] has shape \(3, 6\): per-step rates need the leading axis K=2"),
+        (dict(inner_lr=jnp.ones(2)), r"inner_lr has shape \(2,\): a single rate must be a scalar"),
+    ],
+)
+def test_bad_inner_loop_arguments_are_named(kwargs, message):
+    loss_with_aux, params, inner, outer = _problem()
+    if kwargs.get("inner_lr") == "wrong shape":
+        kwargs["inner_lr"] = tree_map(lambda x: jnp.ones(x.shape + (2,)), params)
+    if kwargs.get("inner_optimizer") == "per_step_rates_of_3":
+        kwargs["inner_optimizer"] = learned_sgd(random_rates(params, 0, leading=(3,)), per_step=True)
+    arguments = dict(inner_lr=0.1) | kwargs
+    with pytest.raises(ValueError, match=message):
+        meta_value_and_grad(scalar(loss_with_aux), params, inner, outer, **arguments)

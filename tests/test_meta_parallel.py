@@ -1,0 +1,111 @@
+"""meta_value_and_grad under every JAX data parallelism: N devices == one device.
+
+Four simulated CPU devices (tests/conftest.py), float64, a loss whose BatchNorm statistics
+are averaged across devices (so each device's loss depends on every shard). The reference is
+one device with the concatenated batches; the parallel forms are ``jax.pmap``,
+``jax.shard_map`` with its varying-axis checks on (``check_vma=True``, where JAX sums
+gradients with respect to replicated parameters by itself) and off, and ``jax.jit`` over
+batches sharded with a ``NamedSharding`` (no axis name).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from meta_problems import make_problem, relative_error, scalar
+
+from fgnet_jax.meta import METHODS, meta_value_and_grad
+
+NUM_DEVICES = 4
+PER_DEVICE = 3
+AXIS = "batch"
+PARALLEL_FORMS = ("pmap", "shard_map_check_vma", "shard_map_no_check_vma", "jit_sharded")
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def mesh():
+    return jax.make_mesh((NUM_DEVICES,), (AXIS,), axis_types=(jax.sharding.AxisType.Explicit,))
+
+
+def shard_leading(batch):
+    return jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, PER_DEVICE, *x.shape[1:]), batch)
+
+
+@functools.lru_cache(maxsize=None)
+def one_device_result(method, inner_steps):
+    loss_fn, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)
+    kwargs = dict(inner_lr=0.4, method=method, inner_steps=inner_steps, has_aux=True)
+    return jax.jit(lambda p, i, o: meta_value_and_grad(loss_fn, p, i, o, **kwargs))(params, inner, outer)
+
+
+def parallel_result(form, method, inner_steps):
+    """The same meta-gradient on 4 devices, each holding a quarter of every batch."""
+    # The data are those of the one-device problem; only the loss differs (synchronised BatchNorm).
+    _, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)
+    kwargs = dict(inner_lr=0.4, method=method, inner_steps=inner_steps, has_aux=True)
+    if form == "jit_sharded":
+        global_loss = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)[0]
+        sharding = NamedSharding(mesh(), P(AXIS))
+        inner, outer = jax.device_put((inner, outer), sharding)
+        params = jax.device_put(params, NamedSharding(mesh(), P()))
+        step = jax.jit(lambda p, i, o: meta_value_and_grad(global_loss, p, i, o, **kwargs))
+        return step(params, inner, outer)
+    synced_loss = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE, axis_name=AXIS)[0]
+    step = lambda p, i, o: meta_value_and_grad(synced_loss, p, i, o, axis_name=AXIS, **kwargs)
+    if form == "pmap":
+        (loss, stats), grads = jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, 0))(params, shard_leading(inner),
+                                                                                   shard_leading(outer))
+        for device in range(1, NUM_DEVICES):  # every device returns the same (global) result
+            assert relative_error(jax.tree_util.tree_map(lambda x: x[device], grads),
+                                  jax.tree_util.tree_map(lambda x: x[0], grads)) == 0
+        return jax.tree_util.tree_map(lambda x: x[0], ((loss, stats), grads))
+    check_vma = form == "shard_map_check_vma"
+    sharded = jax.shard_map(step, mesh=mesh(), in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=check_vma)
+    inner, outer = jax.device_put((inner, outer), NamedSharding(mesh(), P(AXIS)))
+    params = jax.device_put(params, NamedSharding(mesh(), P()))
+    return jax.jit(sharded)(params, inner, outer)
+
+
+@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("form", PARALLEL_FORMS)
+def test_four_devices_equal_one_device(form, method, inner_steps):
+    assert jax.device_count() >= NUM_DEVICES, "tests/conftest.py should give 4 CPU devices"
+    (loss_1, stats_1), grads_1 = one_device_result(method, inner_steps)
+    (loss_n, stats_n), grads_n = parallel_result(form, method, inner_steps)
+    np.testing.assert_allclose(loss_n, loss_1, rtol=1e-9)
+    assert relative_error(grads_n, grads_1) <= 1e-9
+    assert relative_error(stats_n, stats_1) <= 1e-9
+
+
+def test_per_device_inner_steps_differ_from_global_ones():
+    """Guards the test above: without axis_name each device adapts to its own shard, and the
+    mean of those meta-gradients is not the one-device result."""
+    loss_fn, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)
+    _, grads_1 = meta_value_and_grad(scalar(loss_fn), params, inner, outer, inner_lr=0.4)
+    local = jax.pmap(lambda p, i, o: meta_value_and_grad(scalar(loss_fn), p, i, o, inner_lr=0.4), in_axes=(None, 0, 0))
+    _, grads_local = local(params, shard_leading(inner), shard_leading(outer))
+    mean_of_local = jax.tree_util.tree_map(lambda x: x.mean(0), grads_local)
+    assert relative_error(mean_of_local, grads_1) > 1e-3
+
+
+def test_shard_map_with_varying_axis_checks_needs_the_sum_correction():
+    """Guards the check_vma=True case: there, the plain gradient with respect to replicated
+    parameters is already the sum over devices of the shards' gradients, N times their mean."""
+    loss_fn, params, inner, _ = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)
+    shard_gradients = jax.vmap(jax.grad(scalar(loss_fn)), in_axes=(None, 0))(params, shard_leading(inner))
+    mean_of_shards = jax.tree_util.tree_map(lambda g: g.mean(0), shard_gradients)
+    raw = jax.shard_map(lambda p, b: jax.grad(scalar(loss_fn))(p, b), mesh=mesh(), in_specs=(P(), P(AXIS)),
+                        out_specs=P(), check_vma=True)
+    summed = jax.jit(raw)(params, jax.device_put(inner, NamedSharding(mesh(), P(AXIS))))
+    assert relative_error(jax.tree_util.tree_map(lambda g: g / NUM_DEVICES, summed), mean_of_shards) <= 1e-12
+    assert relative_error(summed, mean_of_shards) > 1
