@@ -45,6 +45,7 @@ loss curves, and an evaluation task's fit before and after adaptation for each m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -180,11 +181,14 @@ def loss_and_grad_fn(method: str, config: Config):
     return meta_batch_loss_and_grad
 
 
-def make_train_chunk(method: str, config: Config, optimizer: optax.GradientTransformation):
-    """A jitted ``(params, opt_state, data_key, first, length) -> (params, opt_state, mean loss)``
-    running iterations ``first, ..., first + length - 1`` in one ``lax.scan`` (one dispatch per
-    loss-curve point). Iteration i's tasks come from ``fold_in(data_key, i)``, so the task stream
-    does not depend on the chunking."""
+@functools.lru_cache(maxsize=None)
+def make_trainer(method: str, config: Config):
+    """The optimiser (Adam) and a jitted ``(params, opt_state, data_key, first, length) ->
+    (params, opt_state, mean loss)`` running iterations ``first, ..., first + length - 1`` in one
+    ``lax.scan`` (one dispatch per loss-curve point). Iteration i's tasks come from
+    ``fold_in(data_key, i)``, so the task stream does not depend on the chunking. Cached, so the
+    seeds of a method share one compilation."""
+    optimizer = optax.adam(config.meta_lr)
     loss_and_grad = loss_and_grad_fn(method, config)
 
     def iteration(carry, key):
@@ -199,7 +203,7 @@ def make_train_chunk(method: str, config: Config, optimizer: optax.GradientTrans
         (params, opt_state), losses = lax.scan(iteration, (params, opt_state), keys)
         return params, opt_state, losses.mean()
 
-    return jax.jit(chunk, static_argnums=4)
+    return optimizer, jax.jit(chunk, static_argnums=4)
 
 
 def train(method: str, config: Config, seed: int) -> tuple[Params, dict]:
@@ -207,13 +211,13 @@ def train(method: str, config: Config, seed: int) -> tuple[Params, dict]:
 
     Returns the trained parameters and ``{"iteration": [...], "loss": [...], "seconds": s}``:
     the mean training loss over each ``curve_every`` iterations (for MAML, the outer loss after
-    the inner step; for pretrained, the joint MSE) and the wall time, compilation included.
+    the inner step; for pretrained, the joint MSE) and the wall time (with compilation for a
+    method's first seed).
     """
     init_key, data_key = seed_keys(seed)
+    optimizer, train_chunk = make_trainer(method, config)
     params = init_mlp(init_key)
-    optimizer = optax.adam(config.meta_lr)
     opt_state = optimizer.init(params)
-    train_chunk = make_train_chunk(method, config, optimizer)
     curve = {"iteration": [], "loss": []}
     start = time.perf_counter()
     done = 0
