@@ -14,9 +14,12 @@ Scopes:
         update).
 
 Each row: median wall time of ``--repeats`` calls after compilation, the ratio to
-first-order (without remat) measured in the same run, and XLA's buffer assignment for the
-compiled program (``temp``: scratch incl. saved activations; ``total``: temp + arguments +
-outputs), in MiB. ``--torch`` then times the PyTorch eager baseline of the authors'
+first-order (without remat) measured in the same run, images per second (T_i + T_j for the
+meta-gradient, T_i + T_j + S for the step), XLA's buffer assignment for the compiled program
+(``temp``: scratch incl. saved activations; ``total``: temp + arguments + outputs), in MiB,
+the program's FLOPs from XLA's cost analysis and the model FLOP utilisation: FLOPs per second
+over the chip's peak (``--peak_tflops``, or a known chip's dense peak for the dtype:
+bfloat16, or TF32 for float32, which XLA uses for float32 convolutions on NVIDIA GPUs). ``--torch`` then times the PyTorch eager baseline of the authors'
 algorithm (``benchmarks.torch_baseline``) on the same shapes in the same process and prints
 the best exact JAX method's time over PyTorch's exact time. On CPU, ``--cpu_convolutions``
 picks XLA:CPU's convolution kernels (default ``eigen``, the faster here; see
@@ -51,7 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.timing import compile_and_time  # noqa: E402
+from benchmarks.timing import compile_timed, median_seconds  # noqa: E402
 from fgnet_jax.meta import meta_value_and_grad  # noqa: E402
 from fgnet_jax.models import MetaFGNet, init_variables  # noqa: E402
 from fgnet_jax.objective import (  # noqa: E402
@@ -74,12 +77,35 @@ METHODS = ("plain", "first_order", "hvp_jvp", "hvp_vjp", "exact")
 MIB = 2**20
 
 
+# Dense peak TFLOP/s by device kind (NVIDIA's data sheets, SXM parts): bfloat16 tensor cores,
+# and TF32 tensor cores for float32 (XLA's default precision for float32 GPU convolutions).
+PEAK_TFLOPS = {
+    "NVIDIA H200": {"bfloat16": 989.4, "float32": 494.7},
+    "NVIDIA H100 80GB HBM3": {"bfloat16": 989.4, "float32": 494.7},
+    "NVIDIA A100-SXM4-80GB": {"bfloat16": 312.0, "float32": 156.0},
+    "NVIDIA A100-SXM4-40GB": {"bfloat16": 312.0, "float32": 156.0},
+}
+
+
+def peak_tflops(dtype: str, override: float | None) -> float | None:
+    if override:
+        return override
+    return PEAK_TFLOPS.get(jax.devices()[0].device_kind, {}).get(dtype)
+
+
 def measure(fn, *args, repeats: int) -> dict[str, float]:
-    """Median seconds per call after compilation, and the compiled program's memory (MiB)."""
-    memory, _, seconds = compile_and_time(fn, args, repeats)
+    """Median seconds per call after compilation, the compiled program's memory (MiB) and
+    XLA's FLOP count."""
+    compiled, compile_seconds = compile_timed(fn, args)
+    seconds = median_seconds(compiled, args, repeats)
+    memory = compiled.memory_analysis()
     temp = getattr(memory, "temp_size_in_bytes", 0) / MIB
     total = temp + (getattr(memory, "argument_size_in_bytes", 0) + getattr(memory, "output_size_in_bytes", 0)) / MIB
-    return {"seconds": seconds, "temp_mib": temp, "total_mib": total}
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # a list per program on older JAX
+    flops = float((cost or {}).get("flops", 0.0))
+    return {"seconds": seconds, "compile_seconds": compile_seconds, "temp_mib": temp, "total_mib": total,
+            "flops": flops}
 
 
 def make_batches(image_size: int, batch: int, target_classes: int, auxiliary_classes: int):
@@ -148,10 +174,14 @@ def run(args) -> list[dict]:
                        for method in args.methods}
             if baseline is None and "first_order" in results:
                 baseline = results["first_order"]
+            images = batch_size * (2 if scope == "meta" else 3)  # T_i, T_j (and S)
+            peak = peak_tflops(args.dtype, args.peak_tflops)
             for method, result in results.items():
                 row = dict(scope=scope, depth=args.depth, image_size=args.image_size, batch=batch_size,
                            inner_steps=inner_steps, remat=remat == "on", dtype=args.dtype, method=method,
-                           **result)
+                           images_per_second=images / result["seconds"], **result)
+                if peak and result["flops"]:
+                    row["model_flop_utilisation"] = result["flops"] / result["seconds"] / (peak * 1e12)
                 if baseline is not None:
                     row["time_vs_first_order"] = result["seconds"] / baseline["seconds"]
                     row["memory_vs_first_order"] = result["total_mib"] / baseline["total_mib"]
@@ -187,10 +217,13 @@ def compare_with_torch(args, rows: list[dict]) -> list[dict]:
 def _format_row(row: dict) -> str:
     ratio = row.get("time_vs_first_order")
     memory_ratio = row.get("memory_vs_first_order")
+    utilisation = row.get("model_flop_utilisation")
     return (f"{row['scope']:<5} R-{row['depth']:<3} {row['image_size']:>4}px b{row['batch']:<4} K={row['inner_steps']} "
-            f"remat={'y' if row['remat'] else 'n'} {row['method']:<12} {1e3 * row['seconds']:9.1f} ms "
-            f"{'' if ratio is None else f'{ratio:5.2f}x':>6}  temp {row['temp_mib']:8.1f} MiB  total {row['total_mib']:8.1f} MiB"
-            f"{'' if memory_ratio is None else f' ({memory_ratio:.2f}x)'}")
+            f"{row['dtype']:<8} remat={'y' if row['remat'] else 'n'} {row['method']:<12} {1e3 * row['seconds']:9.1f} ms "
+            f"{'' if ratio is None else f'{ratio:5.2f}x':>6}  {row['images_per_second']:8.0f} img/s  "
+            f"temp {row['temp_mib']:8.1f} MiB  total {row['total_mib']:8.1f} MiB"
+            f"{'' if memory_ratio is None else f' ({memory_ratio:.2f}x)'}  {row['flops'] / 1e9:9.1f} GFLOP"
+            f"{'' if utilisation is None else f'  MFU {100 * utilisation:4.1f}%'}")
 
 
 def main(argv=None) -> None:
@@ -205,6 +238,8 @@ def main(argv=None) -> None:
                         help="remat settings to measure (ratios are to first-order with remat off)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--peak_tflops", type=float, help="the chip's peak TFLOP/s for the MFU column "
+                        "(default: a known chip's dense peak for --dtype)")
     parser.add_argument("--torch", action="store_true",
                         help="also time the PyTorch eager baseline on the same shapes (needs .[torch])")
     _cpu_convolutions_argument(parser)
