@@ -56,19 +56,34 @@ Methods (all return gradients shaped like ``params``):
     the walk with every :math:`H_k` term dropped: the inner gradients are treated as
     constants, as in first-order MAML. For SGD the meta-gradient is :math:`G`.
 
-Long inner loops. The inner steps run in ``lax.scan`` (compile time does not grow with
-:math:`K`). By default each step's linearisation (the residuals of ``jax.linearize`` /
-``jax.vjp``, or autodiff's own for ``"exact"``) is stored for the backward walk, so memory
-grows by about one linearised inner gradient per step. With ``remat=True`` only each step's
-parameters and optimiser state are stored and the linearisation is recomputed during the
-backward walk: memory flat in :math:`K` (beyond :math:`K` copies of the parameters) for
-about one extra inner gradient per step.
+Long inner loops. The inner steps run in ``lax.scan``: with a rolled loop
+(``unroll=False``) the compiled program, and so compile time, does not grow with :math:`K`.
+By default each step's linearisation (the residuals of ``jax.linearize`` / ``jax.vjp``, or
+autodiff's own for ``"exact"``) is stored for the backward walk, so memory grows by about one
+linearised inner gradient per step. With ``remat=True`` only each step's parameters and
+optimiser state are stored and the linearisation is recomputed during the backward walk:
+memory flat in :math:`K` beyond :math:`K` copies of the parameters (activations no longer
+accumulate), for about one extra inner gradient per step.
+
+``unroll=None`` (the default) rolls the loop on GPUs and TPUs and unrolls it on the CPU
+backend, because XLA:CPU rewrites convolutions into the layout of its fast (Eigen) kernels
+only in a program's entry computation: inside a loop, a convolution's weight gradient runs
+on a naive code path (measured 17x slower for a two-step meta-gradient of a small CNN,
+``benchmarks/NOTES.md``). Pass ``unroll=False`` on a CPU for flat compile time (models
+without convolutions lose nothing), or ``True`` elsewhere.
 
 Leaves. Only inexact arrays (floating or complex ``jax.Array``/``numpy`` arrays) are
 differentiated and updated by the inner loop. Every other leaf (integers, booleans, Python
 scalars, functions, ...) is passed through to ``loss_fn`` untouched, and the gradient holds
 ``None`` in its place (as ``equinox.filter_grad`` does), so an Equinox model or a Flax NNX
-state can go in whole.
+state can go in whole. A Python float that crosses a ``jax.jit`` boundary as an argument
+arrives as an array and is then differentiated; keep it static (a closure, a static field)
+if it must not be.
+
+Optimisers whose update has an unbounded derivative need care: Adam's
+:math:`g / (\sqrt{v} + \epsilon)` has an infinite second derivative where a gradient entry
+is exactly zero (e.g. a bias followed by BatchNorm), so the exact methods return NaN there;
+``optax.adam(..., eps_root=1e-8)`` keeps it finite.
 
 Data parallelism. With ``axis_name``, every device holds an equal shard of each batch and
 ``loss_fn`` returns the mean over its shard. The inner gradients are averaged over the axis,
@@ -407,6 +422,7 @@ class _InnerLoop:
     inner_batch: Any
     per_step_batches: bool
     axis: _DeviceAxis
+    unroll: bool | int = 1  # lax.scan's: 1 keeps the loop rolled, True unrolls it fully
 
     def loss_and_aux(self, theta: PyTree, batch: Any):
         return _split_output(self.loss_fn(merge_differentiable(theta, self.rest), batch), self.has_aux)
@@ -434,7 +450,8 @@ class _InnerLoop:
             first = jax.tree_util.tree_map(lambda x: x[0], xs)
             carry, ys = body(carry, self._with_batch(first))
             return carry, jax.tree_util.tree_map(lambda y: y[None], ys)
-        return lax.scan(lambda c, x: body(c, self._with_batch(x)), carry, xs, length=self.steps, reverse=reverse)
+        return lax.scan(lambda c, x: body(c, self._with_batch(x)), carry, xs, length=self.steps, reverse=reverse,
+                        unroll=self.unroll)
 
     def _with_batch(self, x):
         batch, extra = x
@@ -462,8 +479,19 @@ def _first_of_pullback(pullback, u):
     return pullback(u)[0]
 
 
+def _resolve_unroll(unroll: bool | int | None) -> bool | int:
+    """lax.scan's ``unroll`` for the inner loop (see the module docstring for the default)."""
+    if unroll is None:
+        return True if jax.default_backend() == "cpu" else 1
+    if unroll is False:
+        return 1
+    if isinstance(unroll, bool) or (isinstance(unroll, numbers.Integral) and unroll >= 1):
+        return unroll
+    raise ValueError(f"unroll must be None, a bool or an int >= 1, got {unroll!r}")
+
+
 def _build_loop(loss_fn, params, inner_batch, *, inner_lr, inner_optimizer, inner_opt_state, inner_steps,
-                per_step_batches, has_aux, axis_name):
+                per_step_batches, has_aux, axis_name, unroll=None):
     """The inner loop of one call, the differentiable leaves and the optimiser's initial state."""
     differentiable, rest = split_differentiable(params)
     steps = _resolve_inner_steps(inner_steps, inner_batch, per_step_batches)
@@ -484,7 +512,7 @@ def _build_loop(loss_fn, params, inner_batch, *, inner_lr, inner_optimizer, inne
         rates = _rates_on_differentiable(state.rates, params, differentiable, steps, per_step, "learned_sgd rates")
         state = state._replace(rates=rates)
     loop = _InnerLoop(loss_fn, has_aux, rest, inner_optimizer, steps, inner_batch, per_step_batches,
-                      _DeviceAxis.bind(axis_name))
+                      _DeviceAxis.bind(axis_name), _resolve_unroll(unroll))
     return loop, differentiable, state
 
 
@@ -504,6 +532,7 @@ def inner_adapt(
     per_step_batches: bool = False,
     has_aux: bool = False,
     axis_name: Any = None,
+    unroll: bool | int | None = None,
 ) -> PyTree:
     r"""The adapted parameters :math:`\theta_K` (differentiable), shaped like ``params``.
 
@@ -515,7 +544,7 @@ def inner_adapt(
     loop, theta, state = _build_loop(
         loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
         inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
-        has_aux=has_aux, axis_name=axis_name,
+        has_aux=has_aux, axis_name=axis_name, unroll=unroll,
     )
     state_diff, state_rest = split_differentiable(state)
     (theta, _, _), _ = loop.scan(loop.forward_step, (theta, state_diff, state_rest))
@@ -571,6 +600,7 @@ def meta_value_and_grad(
     has_aux: bool = False,
     axis_name: Any = None,
     remat: bool = False,
+    unroll: bool | int | None = None,
     return_opt_state_grad: bool = False,
 ):
     r"""Outer loss at the adapted parameters and its gradient with respect to ``params``.
@@ -603,9 +633,13 @@ def meta_value_and_grad(
       remat: store only each inner step's parameters and optimiser state, and recompute its
         linearisation in the backward walk (memory flat in :math:`K`; about one extra inner
         gradient per step).
+      unroll: ``False`` keeps the loop over inner steps rolled (compile time flat in
+        :math:`K`), ``True`` unrolls it, an int unrolls that many steps per iteration;
+        ``None``: unrolled on the CPU backend, rolled elsewhere (module docstring).
       return_opt_state_grad: also return the gradient with respect to ``inner_opt_state``
         (learned rates with :func:`learned_sgd`, or hyperparameters injected with
-        ``optax.inject_hyperparams``).
+        ``optax.inject_hyperparams``). With ``inner_lr`` the state is ``learned_sgd(inner_lr)``'s,
+        so ``opt_state_grads.rates`` is the gradient with respect to ``inner_lr``.
 
     Returns:
       ``(outer_loss, grads)``, or ``((outer_loss, aux), grads)`` with ``has_aux``; ``grads``
@@ -622,7 +656,7 @@ def meta_value_and_grad(
     loop, theta, state = _build_loop(
         loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
         inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
-        has_aux=has_aux, axis_name=axis_name,
+        has_aux=has_aux, axis_name=axis_name, unroll=unroll,
     )
     state_diff, state_rest = split_differentiable(state)
     if method == "exact":

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
-from meta_problems import make_problem, relative_error, scalar, take_step_batch
+from meta_problems import fast_compile_jit, make_problem, relative_error, scalar, take_step_batch
 
 from fgnet_jax.meta import (
     METHODS,
@@ -125,34 +125,34 @@ def optimizer_case(name, params, steps):
 
 
 OPTIMIZERS = ("momentum", "adam", "per_parameter", "per_step")
-LOOPS = [  # (K, a batch per step, remat)
-    (1, False, False),
-    (2, True, False),
-    (3, False, False),
-    (3, True, True),
-    (3, False, True),
+LOOPS = [  # (K, a batch per step, remat, unroll: False = a rolled lax.scan, None = the backend's default)
+    (1, False, False, None),
+    (2, True, False, False),
+    (3, False, False, None),
+    (3, True, True, False),
+    (3, False, True, None),
 ]
 
 
-@pytest.mark.parametrize("steps, per_step_batches, remat", LOOPS)
+@pytest.mark.parametrize("steps, per_step_batches, remat, unroll", LOOPS)
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
-def test_inner_optimizers_match_grad_through_the_unrolled_loop(optimizer, steps, per_step_batches, remat):
+def test_inner_optimizers_match_grad_through_the_unrolled_loop(optimizer, steps, per_step_batches, remat, unroll):
     loss_with_aux, params, inner, outer = make_problem(seed=11, inner_steps=steps if per_step_batches else None)
     loss_fn = scalar(loss_with_aux)
     tx, rule, hyper = optimizer_case(optimizer, params, steps)
 
-    @jax.jit
+    @fast_compile_jit
     def all_methods(p):
         return {
             method: meta_value_and_grad(loss_fn, p, inner, outer, inner_optimizer=tx, method=method, inner_steps=steps,
-                                        per_step_batches=per_step_batches, remat=remat)
+                                        per_step_batches=per_step_batches, remat=remat, unroll=unroll)
             for method in METHODS
         }
 
     results = all_methods(params)
     for first_order, methods in ((False, ("exact", "hvp_vjp", "hvp_jvp")), (True, ("first_order",))):
         objective = unrolled_outer_loss(loss_fn, rule, inner, outer, steps, per_step_batches, first_order)
-        expected_loss, expected = jax.jit(jax.value_and_grad(objective))(params, hyper)
+        expected_loss, expected = fast_compile_jit(jax.value_and_grad(objective))(params, hyper)
         for method in methods:
             loss, grads = results[method]
             np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
@@ -177,10 +177,10 @@ def test_gradient_with_respect_to_learned_rates(optimizer, remat):
         tx, rule, hyper = optimizer_case(optimizer, params, steps)
         rate_gradient = lambda state_grads: state_grads.rates
     objective = unrolled_outer_loss(loss_fn, rule, inner, outer, steps, True)
-    expected_params, expected_rates = jax.jit(jax.grad(objective, argnums=(0, 1)))(params, hyper)
-    all_methods = jax.jit(lambda p: {
+    expected_params, expected_rates = fast_compile_jit(jax.grad(objective, argnums=(0, 1)))(params, hyper)
+    all_methods = fast_compile_jit(lambda p: {
         method: meta_value_and_grad(loss_fn, p, inner, outer, inner_optimizer=tx, method=method, per_step_batches=True,
-                                    remat=remat, return_opt_state_grad=True)
+                                    remat=remat, unroll=False, return_opt_state_grad=True)
         for method in ("exact", "hvp_vjp", "hvp_jvp")
     })
     for method, (_, (param_grads, state_grads)) in all_methods(params).items():
@@ -194,8 +194,8 @@ def test_per_step_batches_are_used_in_order():
     loss_with_aux, params, inner, outer = make_problem(seed=13, inner_steps=3)
     loss_fn = scalar(loss_with_aux)
     objective = unrolled_outer_loss(loss_fn, momentum_rule(0.3, 0.9), inner, outer, 3, True)
-    expected = jax.jit(jax.grad(objective))(params, None)
-    meta_gradient = jax.jit(lambda p, i: meta_value_and_grad(
+    expected = fast_compile_jit(jax.grad(objective))(params, None)
+    meta_gradient = fast_compile_jit(lambda p, i: meta_value_and_grad(
         loss_fn, p, i, outer, inner_optimizer=optax.sgd(0.3, momentum=0.9), method="hvp_jvp", per_step_batches=True))
     _, grads = meta_gradient(params, inner)
     _, reversed_grads = meta_gradient(params, tree_map(lambda x: x[::-1], inner))
@@ -204,18 +204,21 @@ def test_per_step_batches_are_used_in_order():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_program_size_is_flat_in_the_number_of_inner_steps(method):
-    """lax.scan: the traced program for K = 2 and K = 8 has the same number of equations."""
+def test_rolled_program_size_is_flat_in_the_number_of_inner_steps(method):
+    """unroll=False: the lowered program for K = 2 and K = 8 has the same size (one loop body),
+    with and without remat."""
     loss_with_aux, params, inner, outer = make_problem(seed=14)
     loss_fn = scalar(loss_with_aux)
 
-    def size(steps, remat):
-        jaxpr = jax.make_jaxpr(lambda p: meta_value_and_grad(loss_fn, p, inner, outer, inner_lr=0.1, method=method,
-                                                             inner_steps=steps, remat=remat))(params)
-        return len(jaxpr.eqns)
+    def size(steps, remat, unroll):
+        program = fast_compile_jit(lambda p: meta_value_and_grad(loss_fn, p, inner, outer, inner_lr=0.1, method=method,
+                                                          inner_steps=steps, remat=remat, unroll=unroll))
+        return len(program.lower(params).as_text())
 
     for remat in (False, True):
-        assert size(2, remat) == size(8, remat), remat
+        rolled = size(2, remat, False), size(8, remat, False)
+        # The constant K appears in the text once or twice: allow a few characters.
+        assert abs(rolled[1] - rolled[0]) <= 8, (remat, rolled)
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,7 +246,7 @@ def test_non_differentiable_leaves_pass_through_untouched():
         _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2)
         objective = unrolled_outer_loss(reference_loss, per_parameter_rule(), inner, outer, 2, False,
                                         first_order=method == "first_order")
-        expected = jax.jit(jax.grad(objective))(float_params, tree_map(lambda x: 0.3, float_params))
+        expected = fast_compile_jit(jax.grad(objective))(float_params, tree_map(lambda x: 0.3, float_params))
         assert relative_error(grads["net"], expected) <= TOLERANCE, method
         assert all(grads[key] is None for key in extras), method
         assert all(s["activation"] is jnp.tanh and s["scale"] == 2.0 and s["unused"] is None for s in seen)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from meta_problems import make_problem, relative_error, scalar
+from meta_problems import fast_compile_jit, make_problem, relative_error, scalar
 
 from fgnet_jax.meta import METHODS, meta_value_and_grad
 
@@ -44,20 +44,21 @@ def shard_leading(batch):
 def one_device_result(method, inner_steps):
     loss_fn, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)
     kwargs = dict(inner_lr=0.4, method=method, inner_steps=inner_steps, has_aux=True)
-    return jax.jit(lambda p, i, o: meta_value_and_grad(loss_fn, p, i, o, **kwargs))(params, inner, outer)
+    return fast_compile_jit(lambda p, i, o: meta_value_and_grad(loss_fn, p, i, o, **kwargs))(params, inner, outer)
 
 
 def parallel_result(form, method, inner_steps):
     """The same meta-gradient on 4 devices, each holding a quarter of every batch."""
     # The data are those of the one-device problem; only the loss differs (synchronised BatchNorm).
     _, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)
-    kwargs = dict(inner_lr=0.4, method=method, inner_steps=inner_steps, has_aux=True)
+    # A rolled loop over the inner steps, as on accelerators (the CPU default unrolls it).
+    kwargs = dict(inner_lr=0.4, method=method, inner_steps=inner_steps, has_aux=True, unroll=False)
     if form == "jit_sharded":
         global_loss = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)[0]
         sharding = NamedSharding(mesh(), P(AXIS))
         inner, outer = jax.device_put((inner, outer), sharding)
         params = jax.device_put(params, NamedSharding(mesh(), P()))
-        step = jax.jit(lambda p, i, o: meta_value_and_grad(global_loss, p, i, o, **kwargs))
+        step = fast_compile_jit(lambda p, i, o: meta_value_and_grad(global_loss, p, i, o, **kwargs))
         return step(params, inner, outer)
     synced_loss = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE, axis_name=AXIS)[0]
     step = lambda p, i, o: meta_value_and_grad(synced_loss, p, i, o, axis_name=AXIS, **kwargs)
@@ -72,7 +73,7 @@ def parallel_result(form, method, inner_steps):
     sharded = jax.shard_map(step, mesh=mesh(), in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P(), check_vma=check_vma)
     inner, outer = jax.device_put((inner, outer), NamedSharding(mesh(), P(AXIS)))
     params = jax.device_put(params, NamedSharding(mesh(), P()))
-    return jax.jit(sharded)(params, inner, outer)
+    return fast_compile_jit(sharded)(params, inner, outer)
 
 
 @pytest.mark.parametrize("inner_steps", [1, 2])
@@ -106,6 +107,6 @@ def test_shard_map_with_varying_axis_checks_needs_the_sum_correction():
     mean_of_shards = jax.tree_util.tree_map(lambda g: g.mean(0), shard_gradients)
     raw = jax.shard_map(lambda p, b: jax.grad(scalar(loss_fn))(p, b), mesh=mesh(), in_specs=(P(), P(AXIS)),
                         out_specs=P(), check_vma=True)
-    summed = jax.jit(raw)(params, jax.device_put(inner, NamedSharding(mesh(), P(AXIS))))
+    summed = fast_compile_jit(raw)(params, jax.device_put(inner, NamedSharding(mesh(), P(AXIS))))
     assert relative_error(jax.tree_util.tree_map(lambda g: g / NUM_DEVICES, summed), mean_of_shards) <= 1e-12
     assert relative_error(summed, mean_of_shards) > 1
