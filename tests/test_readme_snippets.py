@@ -65,6 +65,13 @@ def test_readme_python_block_runs(first_line, code):
     run_block(first_line, code)
 
 
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run installs the extras the README's test command does (the recipes' Equinox and
+    Haiku included), so CI runs what a reader runs."""
+    ci_command = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert "recipes" in ci_command and ci_command in README.read_text()
+
+
 def test_a_failing_block_is_reported_with_its_readme_line():
     """The harness itself: an error on the block's third line is reported at README line 12."""
     with pytest.raises(pytest.fail.Exception, match=r"block at line 10 failed, line 12: NameError: .*undefined_name"):
