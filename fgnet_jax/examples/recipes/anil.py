@@ -17,7 +17,7 @@ through the outer loss and through the head's adaptation:
 whose second term first-order MAML drops. (Zero rates multiply the body's inner gradient by 0,
 so it is computed and discarded: ANIL here costs what MAML costs.)
 
-Checked: :math:`K = 3` steps; the outer loss and the meta-gradient of every method, the whole
+Checked: :math:`K = 2` steps; the outer loss and the meta-gradient of every method, the whole
 tree and the body alone, against ``jax.grad`` through an inner loop written out below that
 adapts only the head.
 """
@@ -33,7 +33,7 @@ from fgnet_jax.examples.recipes._checks import print_report, relative_error, req
 from fgnet_jax.meta import METHODS, meta_value_and_grad
 
 HEAD_LR = 0.5
-INNER_STEPS = 3
+INNER_STEPS = 2
 
 
 class Body(nn.Module):

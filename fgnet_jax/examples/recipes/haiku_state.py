@@ -12,7 +12,7 @@ With ``per_step_batches=True`` every leaf of the inner batch has a leading axis 
 and step :math:`k` uses :math:`T_i^{(k)}`; ``remat=True`` stores only each step's parameters
 and recomputes its linearisation in the backward walk (memory flat in :math:`K`).
 
-Checked: :math:`K = 3` plain SGD steps
+Checked: :math:`K = 2` plain SGD steps
 :math:`\theta_{k+1} = \theta_k - \eta \nabla L(\theta_k; T_i^{(k)})`, the outer loss
 :math:`L(\theta_K; T_j)`, the state after the outer pass and the gradient with respect to
 :math:`\theta`, for every method, against ``jax.grad`` through those steps written out below.
@@ -29,7 +29,7 @@ from fgnet_jax.examples.recipes._checks import print_report, relative_error, req
 from fgnet_jax.meta import METHODS, meta_value_and_grad
 
 INNER_LR = 0.4
-INNER_STEPS = 3
+INNER_STEPS = 2
 
 
 def forward(x, is_training: bool):
