@@ -7,8 +7,8 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-# A recipe's inner loop must move the meta-gradient at least this much away from the plain
-# gradient at the initial parameters, or agreeing with the reference would prove little.
+# A recipe's exact and first-order meta-gradients must differ by at least this much (relative),
+# or agreeing with the exact reference would not test the curvature terms.
 MIN_SECOND_ORDER_EFFECT = 1e-3
 
 
