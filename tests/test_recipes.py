@@ -1,0 +1,36 @@
+"""The recipes (fgnet_jax/examples/recipes): each computes meta-gradients the way the README
+shows and must agree, in float64, with ``jax.grad`` through the inner steps written out in the
+recipe itself. The Equinox and Haiku recipes need the ``recipes`` extra (skipped without it).
+"""
+
+import importlib
+
+import jax
+import pytest
+
+from fgnet_jax.examples.recipes import RECIPES
+
+TOLERANCE = 1e-10  # relative, float64; measured at most 1e-15
+OPTIONAL_LIBRARY = {"equinox_model": "equinox", "haiku_state": "haiku"}
+MULTI_DEVICE = ("shard_map_parallel", "jit_sharded")
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_recipe_agrees_with_its_hand_written_reference(name):
+    if name in OPTIONAL_LIBRARY:
+        pytest.importorskip(OPTIONAL_LIBRARY[name])
+    if name in MULTI_DEVICE:
+        assert jax.device_count() >= 4, "tests/conftest.py should give 4 CPU devices: the sharding would be trivial"
+    errors = importlib.import_module(f"fgnet_jax.examples.recipes.{name}").check()
+    assert errors, "a recipe must compare something"
+    too_large = {what: error for what, error in errors.items() if not error <= TOLERANCE}
+    assert not too_large, f"{name}: relative errors above {TOLERANCE}: {too_large}"
+
+
+def test_every_recipe_module_is_listed():
+    """A recipe file not in RECIPES would never be tested."""
+    import pathlib
+
+    folder = pathlib.Path(importlib.import_module("fgnet_jax.examples.recipes").__file__).parent
+    modules = {path.stem for path in folder.glob("*.py") if not path.stem.startswith("_")}
+    assert modules == set(RECIPES)
