@@ -38,7 +38,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from benchmarks.timing import compile_and_time  # noqa: E402
+from benchmarks.timing import compile_timed, median_seconds  # noqa: E402
 from fgnet_jax.meta import meta_value_and_grad  # noqa: E402
 
 MIB = 2**20
@@ -148,7 +148,9 @@ def run(model: str, steps_list, methods, remat_modes, unroll_modes, optimizer: s
             if remat:
                 kwargs["remat"] = True
             fn = lambda p, i, o, kwargs=kwargs: meta_value_and_grad(loss_fn, p, i, o, **kwargs)
-            memory, compile_seconds, seconds = compile_and_time(fn, (params, inner, outer), repeats)
+            compiled, compile_seconds = compile_timed(fn, (params, inner, outer))
+            memory = compiled.memory_analysis()
+            seconds = median_seconds(compiled, (params, inner, outer), repeats) if repeats else float("nan")
             temp = getattr(memory, "temp_size_in_bytes", 0) / MIB
             total = temp + sum(getattr(memory, f"{kind}_size_in_bytes", 0) for kind in ("argument", "output")) / MIB
             row = {"model": model, "optimizer": optimizer, "K": steps, "method": method, "remat": remat,
@@ -169,7 +171,7 @@ def main(argv=None) -> None:
     parser.add_argument("--remat", nargs="+", choices=("off", "on"), default=["off", "on"])
     parser.add_argument("--unroll", nargs="+", choices=tuple(UNROLL), default=["rolled", "unrolled"])
     parser.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="sgd")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per row; 0: compile and memory only")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); model {args.model}, "
