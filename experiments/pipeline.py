@@ -47,7 +47,7 @@ from fgnet_jax.train import (
     create_train_state,
     make_optimizer,
     pmap_eval_step,
-    pmap_finetune_step,
+    pmap_supervised_step,
     pmap_train_step,
 )
 
@@ -604,7 +604,7 @@ def finetune_stage(ctx: Context, start_variables: dict) -> tuple[TrainState, dic
         steps=config.finetune.epochs * steps_per_epoch,
         initial_state=lambda: create_train_state(variables, tx, jax.random.PRNGKey(config.seed)),
         stream=stream,
-        step_fn=_cached_pmap(pmap_finetune_step, ctx.model, tx, AXIS),
+        step_fn=_cached_pmap(pmap_supervised_step, ctx.model, tx, "target_head", AXIS),
         eval_fn=_cached_pmap(pmap_eval_step, ctx.model, AXIS),
     )
     return run_stage(ctx, spec)
