@@ -27,6 +27,14 @@ The exact methods (``exact``, ``hvp_vjp``, ``hvp_jvp``) are compared with the re
 exact meta-gradient, ``first_order`` with its first-order one. Both heads have the same
 class count so that a gradient routed to the wrong head is a shape-valid bug, which the
 comparison must catch.
+
+Measured: agreement to about 7e-15. Mutations of the library, one at a time, each failed all
+four cases (first failure, relative error): the backbone without the meta-gradient
+(iteration 0, backbone, 0.78); the meta-step's target passes in eval-mode BatchNorm
+(iteration 0, backbone, 0.92); the target head also given the auxiliary head's gradient
+(iteration 0, target head, 0.44); lambda ignored (iteration 0, backbone, 0.23); the decay
+one step early, ``count >= m`` (iteration 1, backbone, 0.16); running statistics from the meta
+pass only (iteration 0, running statistics, 0.47).
 """
 
 import functools
