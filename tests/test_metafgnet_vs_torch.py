@@ -1,8 +1,9 @@
 """One MetaFGNet iteration against an independent PyTorch float64 implementation.
 
-The network is a small ResNet-style MetaFGNet (a 3x3 stem with BatchNorm, an identity and a
-projection basic block of the library's ResNet, global average pool, two linear heads) with
-the methods and variable tree of :class:`fgnet_jax.models.MetaFGNet`, small enough that four
+The network (tests/small_metanet.py) is a small ResNet-style MetaFGNet (a 3x3 stem with
+BatchNorm, an identity and a projection basic block of the library's ResNet, global average
+pool, two linear heads) with the methods and variable tree of
+:class:`fgnet_jax.models.MetaFGNet`, small enough that four
 float64 compilations and the PyTorch double backward stay quick (the full ResNets are
 compared with PyTorch in tests/test_convert.py). The PyTorch side is written here from the
 paper and the authors' settings, sharing nothing with the library but the initial weights:
@@ -39,7 +40,6 @@ pass only (iteration 0, running statistics, 0.47).
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,8 +48,8 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-from fgnet_jax.models.resnet import BasicBlock  # noqa: E402
 from fgnet_jax.train import MetaStepConfig, OptimizerConfig, create_train_state, make_optimizer, train_step  # noqa: E402
+from small_metanet import SmallMetaNet, small_metanet_variables  # noqa: E402  (tests/small_metanet.py)
 
 IMAGE, BATCH, CLASSES = 12, 6, 6
 STEM, WIDTHS = 8, ((8, 1), (12, 2))  # (width, stride) of the two basic blocks
@@ -204,54 +204,11 @@ def float64():
         yield
 
 
-class SmallBackbone(nn.Module):
-    @nn.compact
-    def __call__(self, x, train):
-        x = nn.Conv(STEM, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=jnp.float64,
-                    param_dtype=jnp.float64, name="stem")(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=BN_OLD_WEIGHT, epsilon=BN_EPS, dtype=jnp.float64,
-                         param_dtype=jnp.float64, name="stem_bn")(x)
-        x = nn.relu(x)
-        for index, (width, stride) in enumerate(WIDTHS):
-            x = BasicBlock(width, stride, dtype=jnp.float64, param_dtype=jnp.float64, name=f"block{index}")(x, train)
-        return jnp.mean(x, axis=(1, 2))
-
-
-class SmallMetaNet(nn.Module):
-    """MetaFGNet's interface (backbone, target_head, auxiliary_head; *_logits methods)."""
-
-    def setup(self):
-        self.backbone = SmallBackbone()
-        self.target_head = nn.Dense(CLASSES, dtype=jnp.float64, param_dtype=jnp.float64)
-        self.auxiliary_head = nn.Dense(CLASSES, dtype=jnp.float64, param_dtype=jnp.float64)
-
-    def target_logits(self, x, train=False):
-        return self.target_head(self.backbone(x, train))
-
-    def auxiliary_logits(self, x, train=False):
-        return self.auxiliary_head(self.backbone(x, train))
-
-    def __call__(self, x, train=False):
-        feature = self.backbone(x, train)
-        return self.target_head(feature), self.auxiliary_head(feature)
-
-
 @functools.lru_cache(maxsize=None)
 def model_and_variables():
-    model = SmallMetaNet()
-    # Jitted, with the rbg generator: threefry's initialisation took over a minute to compile here.
-    variables = jax.jit(model.init)(jax.random.key(3, impl="rbg"), jnp.zeros((2, IMAGE, IMAGE, 3), jnp.float64))
-    variables = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), variables)
-    # Non-trivial BatchNorm affine parameters and running statistics, so that a pass in the
-    # wrong mode or a wrong statistics update shows.
-    rng = np.random.default_rng(7)
-    params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.2 * rng.normal(size=x.shape) if "bn" in jax.tree_util.keystr(path) else x,
-        variables["params"])
-    stats = jax.tree_util.tree_map_with_path(
-        lambda path, x: (x + rng.uniform(0.5, 1.5, x.shape) if jax.tree_util.keystr(path).endswith("'var']")
-                         else x + rng.normal(size=x.shape)), variables["batch_stats"])
-    return model, {"params": params, "batch_stats": stats}
+    model = SmallMetaNet(CLASSES, CLASSES, STEM, WIDTHS, BN_OLD_WEIGHT, BN_EPS)
+    # Non-trivial BatchNorm affine parameters and running statistics (see small_metanet).
+    return model, small_metanet_variables(model, IMAGE, seed=3)
 
 
 def relative_change_error(actual, expected, start, names):
