@@ -20,16 +20,18 @@ class SmallBackbone(nn.Module):
     blocks: tuple  # ((width, stride), ...)
     bn_momentum: float
     bn_epsilon: float
+    axis_name: str | None = None  # pmap axis: synchronised BatchNorm
 
     @nn.compact
     def __call__(self, x, train):
         x = nn.Conv(self.stem, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=jnp.float64,
                     param_dtype=jnp.float64, name="stem")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                         dtype=jnp.float64, param_dtype=jnp.float64, name="stem_bn")(x)
+                         axis_name=self.axis_name, dtype=jnp.float64, param_dtype=jnp.float64, name="stem_bn")(x)
         x = nn.relu(x)
         for index, (width, stride) in enumerate(self.blocks):
-            x = BasicBlock(width, stride, dtype=jnp.float64, param_dtype=jnp.float64, name=f"block{index}")(x, train)
+            x = BasicBlock(width, stride, axis_name=self.axis_name, dtype=jnp.float64, param_dtype=jnp.float64,
+                           name=f"block{index}")(x, train)
         return jnp.mean(x, axis=(1, 2))
 
 
@@ -40,9 +42,10 @@ class SmallMetaNet(nn.Module):
     blocks: tuple = ((8, 1), (12, 2))
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    axis_name: str | None = None
 
     def setup(self):
-        self.backbone = SmallBackbone(self.stem, self.blocks, self.bn_momentum, self.bn_epsilon)
+        self.backbone = SmallBackbone(self.stem, self.blocks, self.bn_momentum, self.bn_epsilon, self.axis_name)
         self.target_head = nn.Dense(self.num_target_classes, dtype=jnp.float64, param_dtype=jnp.float64)
         self.auxiliary_head = nn.Dense(self.num_auxiliary_classes, dtype=jnp.float64, param_dtype=jnp.float64)
 
