@@ -3,11 +3,13 @@ r"""MetaFGNet on CUB-200-2011 (or Stanford Dogs): the whole pipeline, resumable.
     python -m experiments.cub_200 --workdir DIR [--config experiments/configs/cub_200.py] [--config.key=value ...]
     python -m experiments.cub_200 --demo --workdir DIR      # generated data, every stage, minutes on a CPU
 
-Stages: meta-train with all auxiliary data -> score and select auxiliary samples ->
-meta-train on the selection -> fine-tune on the target set -> test evaluation. Rerunning the
-same command after an interruption (Ctrl-C, SIGTERM, kill -9, power loss) resumes from the
-last checkpoint; completed stages are skipped. See experiments/pipeline.py for the workdir
-layout. All local devices are used (pmap); the global batch sizes are split across them.
+Stages (experiments/pipeline.py, one module each in experiments/stages): supervised training on
+the auxiliary data -> meta-train with all auxiliary data -> score and select auxiliary
+samples -> meta-train on the selection -> fine-tune on the target set -> test evaluation.
+Rerunning the same command after an interruption (Ctrl-C, SIGTERM, kill -9, power loss)
+resumes from the last checkpoint; completed stages are skipped. See experiments/workdir.py for
+the workdir layout. All local devices are used (pmap); the global batch sizes are split
+across them.
 
 Several processes (hosts) run the same command with JAX's distributed runtime, each reading
 its shard of every batch; collectives span all processes (see docs/multihost.md):

@@ -4,6 +4,7 @@ Layout of a stage's directory::
 
     DIR/latest/<step>/   the last ``keep`` periodic / stage-end checkpoints
     DIR/best/<step>/     the single best checkpoint by validation accuracy
+    DIR/pinned/<step>/   checkpoints kept for good (e.g. the state a next stage starts from)
 
 Each checkpoint holds the whole :class:`~fgnet_jax.train.TrainState` (params, batch
 statistics, optimiser state, step, rng) and a small JSON ``meta`` item (stage, config
@@ -41,7 +42,7 @@ def _host(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
-def _manager(directory: str, max_to_keep: int, best: bool) -> ocp.CheckpointManager:
+def _manager(directory: str, max_to_keep: int | None, best: bool) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         best_fn=(lambda metrics: float(metrics["val_accuracy"])) if best else None,
@@ -55,7 +56,7 @@ def _manager(directory: str, max_to_keep: int, best: bool) -> ocp.CheckpointMana
 
 
 class StageCheckpointer:
-    """Latest-N and best-by-validation checkpoints of one training stage."""
+    """Latest-N, best-by-validation and pinned checkpoints of one training stage."""
 
     def __init__(self, directory: str, keep: int = 3):
         if keep < 1:
@@ -63,6 +64,8 @@ class StageCheckpointer:
         self.directory = directory
         self._latest = _manager(os.path.join(directory, "latest"), keep, best=False)
         self._best = _manager(os.path.join(directory, "best"), 1, best=True)
+        self._pinned_directory = os.path.join(directory, "pinned")
+        self._pinned = None  # created on first use: most stages never pin
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
@@ -85,6 +88,26 @@ class StageCheckpointer:
             return False
         self._best.save(step, args=self._args(state, meta), metrics={"val_accuracy": float(val_accuracy)}, force=True)
         return True
+
+    def save_pinned(self, step: int, state: PyTree, meta: Mapping[str, Any] | None = None) -> None:
+        """Keep ``state`` as ``step`` for good (never rotated out; an existing ``step`` is kept)."""
+        manager = self._pinned_manager()
+        if step in manager.all_steps():
+            return
+        manager.save(step, args=self._args(state, meta), force=True)
+
+    def pinned_steps(self) -> list[int]:
+        if self._pinned is None and not os.path.isdir(self._pinned_directory):
+            return []
+        return list(self._pinned_manager().all_steps())
+
+    def restore_pinned(self, step: int, template: PyTree) -> tuple[PyTree, dict]:
+        return self._restore(self._pinned_manager(), step, template)
+
+    def _pinned_manager(self) -> ocp.CheckpointManager:
+        if self._pinned is None:
+            self._pinned = _manager(self._pinned_directory, None, best=False)
+        return self._pinned
 
     def best_metrics(self) -> dict[str, float] | None:
         step = self._best.best_step()
@@ -116,4 +139,6 @@ class StageCheckpointer:
     def close(self) -> None:
         self._latest.close()
         self._best.close()
+        if self._pinned is not None:
+            self._pinned.close()
 

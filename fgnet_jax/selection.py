@@ -16,11 +16,13 @@ when the image looks more like the target task than like its own auxiliary class
 Criteria: keep the top ``ratio`` fraction, the top ``k`` images, or every image with
 score >= ``threshold``. Ties are broken by example id, so the selection is deterministic.
 
-Outputs go to ``WORKDIR/selection/<tag>/`` where ``tag`` fingerprints the parameters that
-produced the scores; the directory is written under a temporary name and renamed into place
-only when complete, so an interrupted scoring run never leaves a partial selection, and a
-rerun with another checkpoint gets another tag and never reuses stale scores (the original
-code cached scores per image and never invalidated them).
+Outputs go to ``WORKDIR/selection/<tag>/`` where ``tag`` (:func:`selection_tag`) fingerprints
+everything the selection depends on: the parameters and running statistics that produced the
+scores, the criterion and its value, and the scored auxiliary ids. The directory is written
+under a temporary name and renamed into place only when complete, so an interrupted scoring
+run never leaves a partial selection, and a rerun with another checkpoint, criterion, value or
+auxiliary set gets another tag and never reuses a stale selection (the original code cached
+scores per image and never invalidated them).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "pmap_score_step",
     "select_ids",
     "params_fingerprint",
+    "selection_tag",
     "write_selection",
     "load_selection",
 ]
@@ -109,6 +112,18 @@ def params_fingerprint(*trees: Any) -> str:
             digest.update(jax.tree_util.keystr(path).encode())
             digest.update(str((array.dtype, array.shape)).encode())
             digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def selection_tag(params: Any, batch_stats: Any, *, criterion: str, value: float, auxiliary_ids: Sequence[str]) -> str:
+    """The tag of a selection: a content hash of the scoring parameters and statistics, the
+    criterion, its value and the auxiliary ids in order. A change to any of them is another
+    selection."""
+    digest = hashlib.sha256()
+    digest.update(params_fingerprint(params, batch_stats).encode())
+    digest.update(json.dumps({"criterion": criterion, "value": float(value)}, sort_keys=True).encode())
+    for example_id in auxiliary_ids:
+        digest.update(str(example_id).encode() + b"\0")
     return digest.hexdigest()[:16]
 
 

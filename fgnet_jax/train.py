@@ -16,11 +16,19 @@ backbone and the auxiliary gradient was taken at already-moved parameters. Here 
 gradients are taken at the same parameters and momentum/weight decay act once, which is the
 gradient of the stated objective.
 
-BatchNorm running statistics are updated once per iteration, from the outer pass (T_j at
-the adapted parameters :math:`\theta^{t\prime}`): it is target data, which is what the running
-statistics are evaluated on, it comes free with the meta-gradient, and
-:math:`\theta^{t\prime}` is one small inner step from :math:`\theta^t`. (PyTorch's modules
-updated them in every training-mode forward pass: T_i twice, T_j and S.)
+BatchNorm running statistics (``MetaStepConfig.batch_stats_from``). Every pass of the step
+normalises with its own batch statistics (training mode); what differs is which passes feed
+the running averages :math:`r \leftarrow m r + (1 - m) s` that evaluation and the sample
+selection use:
+
+- ``"auxiliary_then_target"`` (default, the authors'): the auxiliary pass on S at
+  :math:`\theta`, then a forward pass on T_j at the current :math:`\theta^t` (not the adapted
+  :math:`\theta^{t\prime}`), in this order, every iteration. In the authors' code these were
+  the two training-mode forward passes of the shared network (the inner and meta passes ran
+  on throw-away copies). The T_j pass at :math:`\theta^t` is one extra forward pass, used
+  for nothing else.
+- ``"outer"``: only the meta pass (T_j at :math:`\theta^{t\prime}`), which comes free with
+  the meta-gradient; the running statistics then never see auxiliary images.
 
 Parallelism: each function takes ``axis_name``; under ``jax.pmap`` with that axis the
 inner gradients, gradients, losses and BatchNorm statistics (through the model's
@@ -54,19 +62,23 @@ __all__ = [
     "TrainState",
     "MetaStepConfig",
     "OptimizerConfig",
+    "BATCH_STATS_SOURCES",
+    "PARAM_GROUPS",
     "step_decay",
     "make_optimizer",
     "create_train_state",
     "metafgnet_gradients",
     "train_step",
-    "finetune_step",
+    "supervised_step",
     "eval_step",
     "pmap_train_step",
-    "pmap_finetune_step",
+    "pmap_supervised_step",
     "pmap_eval_step",
 ]
 
 PyTree = Any
+PARAM_GROUPS = ("backbone", "target_head", "auxiliary_head")
+BATCH_STATS_SOURCES = ("auxiliary_then_target", "outer")
 
 
 @flax.struct.dataclass
@@ -93,9 +105,11 @@ class MetaStepConfig:
       inner_lr: :math:`\\eta` before decay.
       inner_steps: number of inner SGD steps on T_i.
       auxiliary_weight: :math:`\\lambda`, weight of the auxiliary loss on S.
-      milestones: steps at which :math:`\\eta` (and the target-head lr) is multiplied by
-        ``decay_factor``.
+      milestones: :math:`\\eta` (like the target-head lr) is multiplied by ``decay_factor``
+        once per milestone ``m`` with ``step > m`` (:func:`step_decay`).
       decay_factor: that factor.
+      batch_stats_from: which passes update the BatchNorm running statistics, one of
+        :data:`BATCH_STATS_SOURCES` (module docstring).
     """
 
     method: str = "hvp_jvp"
@@ -104,6 +118,7 @@ class MetaStepConfig:
     auxiliary_weight: float = 1.0
     milestones: tuple[int, ...] = ()
     decay_factor: float = 0.1
+    batch_stats_from: str = "auxiliary_then_target"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -112,44 +127,69 @@ class MetaStepConfig:
             raise ValueError(f"inner_lr and auxiliary_weight must be >= 0, got {self.inner_lr}, {self.auxiliary_weight}")
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")
+        if self.batch_stats_from not in BATCH_STATS_SOURCES:
+            raise ValueError(f"unknown batch_stats_from {self.batch_stats_from!r}; "
+                             f"choose one of {', '.join(BATCH_STATS_SOURCES)}")
         _check_milestones(self.milestones)
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """SGD with momentum and PyTorch-style weight decay, one learning rate per group.
+    """SGD with momentum and PyTorch-style weight decay, one learning rate per parameter group.
 
-    ``auxiliary_head_lr=None`` freezes the auxiliary head (fine-tuning stage).
+    A rate of ``None`` freezes its group (no update, no weight decay): the auxiliary head
+    while fine-tuning on target data, the target head while training on auxiliary data.
+    The groups named in ``decayed_groups`` follow :func:`step_decay` over ``milestones``;
+    the others keep their rate (the authors decayed only the newly added classifier).
     """
 
-    backbone_lr: float = 1e-3
-    target_head_lr: float = 0.1
+    backbone_lr: float | None = 1e-3
+    target_head_lr: float | None = 0.1
     auxiliary_head_lr: float | None = 1e-3
     milestones: tuple[int, ...] = ()
     decay_factor: float = 0.1
+    decayed_groups: tuple[str, ...] = ("target_head",)
     momentum: float = 0.9
     weight_decay: float = 1e-4
 
     def __post_init__(self):
-        rates = {"backbone_lr": self.backbone_lr, "target_head_lr": self.target_head_lr}
-        if self.auxiliary_head_lr is not None:
-            rates["auxiliary_head_lr"] = self.auxiliary_head_lr
-        for name, value in rates.items():
-            if value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+        for group in PARAM_GROUPS:
+            value = self.learning_rate(group)
+            if value is not None and value < 0:
+                raise ValueError(f"{group}_lr must be >= 0, got {value}")
+        unknown = set(self.decayed_groups) - set(PARAM_GROUPS)
+        if unknown:
+            raise ValueError(f"decayed_groups {sorted(unknown)} are not parameter groups; choose from {PARAM_GROUPS}")
         if not 0 <= self.momentum < 1 or self.weight_decay < 0:
             raise ValueError(f"need 0 <= momentum < 1 and weight_decay >= 0, got {self.momentum}, {self.weight_decay}")
         _check_milestones(self.milestones)
 
+    def learning_rate(self, group: str) -> float | None:
+        return getattr(self, f"{group}_lr")
+
 
 def _check_milestones(milestones: Sequence[int]) -> None:
-    if any(m <= 0 for m in milestones) or list(milestones) != sorted(set(milestones)):
-        raise ValueError(f"milestones must be increasing positive steps, got {tuple(milestones)}")
+    if any(m < 0 for m in milestones) or list(milestones) != sorted(set(milestones)):
+        raise ValueError(f"milestones must be increasing non-negative steps, got {tuple(milestones)}")
 
 
 def step_decay(initial: float, milestones: Sequence[int], factor: float) -> optax.Schedule:
-    """``initial * factor ** (number of milestones <= step)``."""
-    return optax.piecewise_constant_schedule(initial, {int(m): factor for m in milestones})
+    r"""The authors' step decay: :math:`\text{initial} \cdot \text{factor}^{|\{m : s > m\}|}`.
+
+    ``s`` is the schedule's count, i.e. the number of updates applied before the current
+    one (the 0-based index of the iteration, as the ``epoch`` argument of the authors'
+    ``adjust_learning_rate``). The decayed value therefore applies from the step *after*
+    a milestone: with milestones ``(12421,)`` steps 0..12421 use ``initial`` and step 12422
+    the first decayed value. (``optax.piecewise_constant_schedule`` decays at ``s >= b``, one
+    step earlier for ``b = m``.)
+    """
+    boundaries = jnp.asarray(tuple(int(m) for m in milestones), jnp.int32)
+
+    def schedule(count):
+        exponent = jnp.sum(jnp.asarray(count) > boundaries)
+        return initial * factor**exponent
+
+    return schedule
 
 
 def _torch_sgd(learning_rate, momentum: float, weight_decay: float) -> optax.GradientTransformation:
@@ -161,22 +201,18 @@ def _torch_sgd(learning_rate, momentum: float, weight_decay: float) -> optax.Gra
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     """One optax transformation with a group per top-level key of the MetaFGNet params.
 
-    backbone: ``backbone_lr`` constant; target head: ``target_head_lr`` decayed at the
-    milestones; auxiliary head: ``auxiliary_head_lr`` constant (or frozen when None).
+    Each group: PyTorch-style SGD at its rate (decayed over the milestones if it is one of
+    ``decayed_groups``), or frozen when its rate is ``None``.
     """
-    groups = {
-        "backbone": _torch_sgd(config.backbone_lr, config.momentum, config.weight_decay),
-        "target_head": _torch_sgd(
-            step_decay(config.target_head_lr, config.milestones, config.decay_factor),
-            config.momentum,
-            config.weight_decay,
-        ),
-        "auxiliary_head": (
-            optax.set_to_zero()
-            if config.auxiliary_head_lr is None
-            else _torch_sgd(config.auxiliary_head_lr, config.momentum, config.weight_decay)
-        ),
-    }
+    groups = {}
+    for group in PARAM_GROUPS:
+        rate = config.learning_rate(group)
+        if rate is None:
+            groups[group] = optax.set_to_zero()
+            continue
+        if group in config.decayed_groups:
+            rate = step_decay(rate, config.milestones, config.decay_factor)
+        groups[group] = _torch_sgd(rate, config.momentum, config.weight_decay)
     return optax.multi_transform(groups, lambda params: {key: key for key in params})
 
 
@@ -213,8 +249,8 @@ def metafgnet_gradients(
     """The combined MetaFGNet gradient at ``params`` (before the optimiser).
 
     Returns ``(grads, new_batch_stats, metrics)``: ``grads`` shaped like ``params`` and
-    averaged over ``axis_name``; ``new_batch_stats`` from the outer pass (see the module
-    docstring); metrics averaged over devices.
+    averaged over ``axis_name``; ``new_batch_stats`` the running statistics after the passes
+    named by ``config.batch_stats_from`` (module docstring); metrics averaged over devices.
     """
     target_params = select(params, TARGET_KEYS)
     (meta_loss, outer_aux), meta_grads = meta_value_and_grad(
@@ -233,6 +269,11 @@ def metafgnet_gradients(
     )(select(params, AUXILIARY_KEYS), batch["auxiliary"])
     auxiliary_grads = _axis_mean(auxiliary_grads, axis_name)
     grads = combine_gradients(meta_grads, auxiliary_grads, config.auxiliary_weight)
+    if config.batch_stats_from == "outer":
+        new_batch_stats = outer_aux["batch_stats"]
+    else:  # S at theta, then T_j at theta^t: the authors' two passes, in their order
+        _, target_aux = target_loss_fn(model, auxiliary_aux["batch_stats"])(target_params, batch["outer"])
+        new_batch_stats = target_aux["batch_stats"]
     metrics = {
         "meta_loss": meta_loss,
         "auxiliary_loss": auxiliary_loss,
@@ -242,7 +283,7 @@ def metafgnet_gradients(
         "meta_grad_norm": optax.tree.norm(meta_grads),
         "auxiliary_grad_norm": optax.tree.norm(auxiliary_grads),
     }
-    return grads, outer_aux["batch_stats"], _axis_mean(metrics, axis_name)
+    return grads, jax.lax.stop_gradient(new_batch_stats), _axis_mean(metrics, axis_name)
 
 
 def train_step(
@@ -254,7 +295,11 @@ def train_step(
     config: MetaStepConfig,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One MetaFGNet iteration: meta + auxiliary gradients, one optax update."""
+    """One MetaFGNet iteration: meta + auxiliary gradients, one optax update.
+
+    :math:`\\eta` at this step is ``step_decay(config.inner_lr, config.milestones)`` of the
+    state's step, the schedule the target head's rate follows.
+    """
     inner_lr = step_decay(config.inner_lr, config.milestones, config.decay_factor)(state.step)
     grads, batch_stats, metrics = metafgnet_gradients(
         model, state.params, state.batch_stats, batch, inner_lr=inner_lr, config=config, axis_name=axis_name
@@ -265,24 +310,32 @@ def train_step(
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
 
 
-def finetune_step(
+SUPERVISED_HEADS = {"target_head": TARGET_KEYS, "auxiliary_head": AUXILIARY_KEYS}
+
+
+def supervised_step(
     state: TrainState,
     batch: Mapping[str, jax.Array],
     *,
     model,
     tx: optax.GradientTransformation,
+    head: str,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """Plain supervised step on target data (the last stage): cross-entropy on the target head.
+    """Plain supervised step through ``head`` (``"target_head"`` or ``"auxiliary_head"``).
 
-    The auxiliary head gets a zero gradient; build ``tx`` with ``auxiliary_head_lr=None`` so
-    weight decay leaves it untouched too.
+    Cross-entropy of the backbone + ``head`` on ``batch``, BatchNorm in training mode (the
+    running statistics take this batch). The other head gets a zero gradient; build ``tx``
+    with its rate ``None`` so that weight decay leaves it untouched too. Used by the first
+    stage (auxiliary data, auxiliary head) and the last (target data, target head).
     """
-    (loss, aux), target_grads = jax.value_and_grad(target_loss_fn(model, state.batch_stats), has_aux=True)(
-        select(state.params, TARGET_KEYS), batch
-    )
-    target_grads = _axis_mean(target_grads, axis_name)
-    grads = dict(target_grads, auxiliary_head=jax.tree_util.tree_map(jnp.zeros_like, state.params["auxiliary_head"]))
+    if head not in SUPERVISED_HEADS:
+        raise ValueError(f"head must be one of {sorted(SUPERVISED_HEADS)}, got {head!r}")
+    loss_fn = (target_loss_fn if head == "target_head" else auxiliary_loss_fn)(model, state.batch_stats)
+    (loss, aux), head_grads = jax.value_and_grad(loss_fn, has_aux=True)(select(state.params, SUPERVISED_HEADS[head]), batch)
+    head_grads = _axis_mean(head_grads, axis_name)
+    grads = {key: head_grads[key] if key in head_grads else jax.tree_util.tree_map(jnp.zeros_like, value)
+             for key, value in state.params.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = _axis_mean({"loss": loss, "accuracy": _accuracy(aux["logits"], batch["label"])}, axis_name)
@@ -327,8 +380,8 @@ def pmap_train_step(model, tx, config: MetaStepConfig, axis_name: str = "batch")
     return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
 
 
-def pmap_finetune_step(model, tx, axis_name: str = "batch") -> Callable:
-    step = functools.partial(finetune_step, model=model, tx=tx, axis_name=axis_name)
+def pmap_supervised_step(model, tx, head: str, axis_name: str = "batch") -> Callable:
+    step = functools.partial(supervised_step, model=model, tx=tx, head=head, axis_name=axis_name)
     return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
 
 

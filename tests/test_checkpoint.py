@@ -75,3 +75,17 @@ def test_restore_without_checkpoint_raises(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         StageCheckpointer(str(tmp_path)).restore_latest(small_state(0))
 
+
+
+def test_pinned_checkpoints_survive_rotation(tmp_path):
+    checkpointer = StageCheckpointer(str(tmp_path), keep=1)
+    assert checkpointer.pinned_steps() == []
+    for step in range(1, 5):
+        checkpointer.save(step, small_state(step))
+        if step == 2:
+            checkpointer.save_pinned(step, small_state(step))
+    assert sorted(os.listdir(tmp_path / "latest")) == ["4"]
+    reopened = StageCheckpointer(str(tmp_path), keep=1)
+    assert reopened.pinned_steps() == [2]
+    pinned, _ = reopened.restore_pinned(2, small_state(0))
+    assert_trees_identical(pinned, small_state(2))

@@ -109,6 +109,39 @@ def test_eval_preprocessing_matches_resize_then_centre_crop(fmt):
     assert np.abs(image - reference).mean() < 0.04
 
 
+def test_resize_random_crop_window_is_the_random_crop_of_the_resized_image():
+    """Resize(256) + RandomCrop(224) in original coordinates: a square of 224/256 of the short
+    side at a uniform offset over the whole free range."""
+    height, width = 300, 400
+    windows = np.asarray([
+        [int(v) for v in pipeline.random_square_crop_window(height, width, tf.constant([0, s], tf.int64))]
+        for s in range(300)
+    ])
+    top, left, crop_h, crop_w = windows.T
+    assert set(crop_h.tolist()) == set(crop_w.tolist()) == {round(300 * 224 / 256)}
+    assert top.min() >= 0 and top.max() <= height - crop_h[0] and left.min() >= 0 and left.max() <= width - crop_w[0]
+    # Uniform offsets: both ends of the free range are reached, and the mean sits in the middle.
+    assert top.min() <= 2 and top.max() >= height - crop_h[0] - 2
+    assert abs(left.mean() - (width - crop_w[0]) / 2) < 0.1 * (width - crop_w[0])
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_resize_random_crop_matches_resize_then_crop(fmt):
+    pixels = smooth_image(120, 160)
+    size, seed = 56, tf.constant([5, 6], tf.int64)
+    image = data.preprocess_train(tf.constant(encode(pixels, fmt)), seed, size, "resize_random_crop").numpy()
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    top, left, side, _ = (int(v) for v in pipeline.random_square_crop_window(120, 160, crop_seed))
+    reference = Image.fromarray(pixels[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
+    reference = (np.asarray(reference, np.float32) / 255 - MEAN) / STD
+    if float(tf.random.stateless_uniform([], flip_seed)) < 0.5:
+        reference = reference[:, ::-1]
+    assert image.shape == (size, size, 3)
+    assert np.abs(image - reference).mean() < 0.04
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        data.preprocess_train(tf.constant(encode(pixels, fmt)), seed, size, "random_crop")
+
+
 # ---------------------------------------------------------------- stream structure and determinism
 
 

@@ -28,6 +28,7 @@ STEPS = 3
 # such a crossing is ~1e9 times less likely, so the runs agree to round-off.
 TINY = [
     "--config.model.dtype=float64",
+    "--config.auxiliary_pretrain.epochs=0",
     f"--config.meta_train.steps={STEPS}",
     "--config.meta_train.milestones=()",
     "--config.meta_train_selected.steps=1",  # runs the sample selection (scored across processes)
@@ -43,7 +44,8 @@ TINY = [
     "--config.optimizer.target_head_lr=0.002",
     "--config.optimizer.auxiliary_head_lr=0.002",
     "--config.log_every=1",
-    "--config.eval_every=2",
+    "--config.meta_train.eval_every=2",
+    "--config.meta_train_selected.eval_every=2",
     "--config.checkpoint_every=1",
     "--config.keep_checkpoints=3",
 ]

@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from fgnet_jax import selection
-from fgnet_jax.selection import load_selection, params_fingerprint, select_ids, selection_scores, write_selection
+from fgnet_jax.selection import (
+    load_selection,
+    params_fingerprint,
+    select_ids,
+    selection_scores,
+    selection_tag,
+    write_selection,
+)
 
 
 def test_score_matches_numpy_formula():
@@ -45,6 +52,22 @@ def test_fingerprint_changes_with_any_parameter():
     changed = {"w": np.ones((3, 2), np.float32), "b": np.array([0, 1e-7], np.float32)}
     assert params_fingerprint(params) == params_fingerprint(same)
     assert params_fingerprint(params) != params_fingerprint(changed)
+
+
+def test_selection_tag_covers_parameters_criterion_value_and_auxiliary_ids():
+    params, stats = {"w": np.ones(3, np.float32)}, {"mean": np.zeros(3, np.float32)}
+    base = dict(criterion="ratio", value=0.8, auxiliary_ids=["a", "b", "c"])
+    tag = selection_tag(params, stats, **base)
+    assert tag == selection_tag({"w": np.ones(3, np.float32)}, {"mean": np.zeros(3, np.float32)}, **base)
+    others = [
+        selection_tag({"w": np.array([1, 1, 1.5], np.float32)}, stats, **base),
+        selection_tag(params, {"mean": np.array([0, 0, 1e-6], np.float32)}, **base),
+        selection_tag(params, stats, **dict(base, criterion="top_k")),
+        selection_tag(params, stats, **dict(base, value=0.7)),
+        selection_tag(params, stats, **dict(base, auxiliary_ids=["a", "b"])),
+        selection_tag(params, stats, **dict(base, auxiliary_ids=["a", "bc"])),
+    ]
+    assert len({tag, *others}) == 1 + len(others)
 
 
 def test_write_is_atomic_and_tagged(tmp_path, monkeypatch):

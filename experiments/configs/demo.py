@@ -4,8 +4,10 @@
 
 ``--demo`` writes a small CUB_200_2011.tgz (30 classes, 20 images each, half train) and an
 image-folder auxiliary set (40 classes of 12: 20 drawn like the target classes, 20 unlike
-any) under WORKDIR/demo_data, then runs this config. ResNet-10 (one basic block per stage) at 32 px keeps compilation and steps
-short; the pipeline, data reading, checkpoints and selection are the real ones.
+any) under WORKDIR/demo_data, then runs this config. ResNet-10 (one basic block per stage)
+from random weights at 32 px keeps compilation and steps short; the pipeline, data reading,
+checkpoints and selection are the real ones, with the CUB config's stage structure (stage 1
+on the auxiliary data, two meta stages, selection, fine-tuning) and shorter schedules.
 """
 
 from experiments.configs import cub_200
@@ -23,23 +25,32 @@ def get_config():
     config.auxiliary.name = "image_folder"
     config.image_size = 32
     config.model.depth = 10
+    config.init_checkpoint = "random"
     config.target_batch = 16
     config.auxiliary_batch = 16
     config.eval_batch = 64
     config.meta.inner_lr = 0.05
     config.optimizer.backbone_lr = 0.02
     config.optimizer.auxiliary_head_lr = 0.02
+    # 480 auxiliary images at batch 32: 15 steps per epoch.
+    config.auxiliary_pretrain.epochs = 4
+    config.auxiliary_pretrain.output_epoch = 4
+    config.auxiliary_pretrain.milestone_epochs = (2,)
+    config.auxiliary_pretrain.batch = 32
+    config.auxiliary_pretrain.backbone_lr = 0.02
     config.meta_train.steps = 60
-    config.meta_train.milestones = (45,)
+    config.meta_train.milestones = (44,)
+    config.meta_train.eval_every = 30
     config.selection.value = 0.8
     config.meta_train_selected.steps = 30
-    config.meta_train_selected.milestones = (20,)
+    config.meta_train_selected.milestones = (19,)
+    config.meta_train_selected.eval_every = 15
     config.finetune.epochs = 12
     config.finetune.batch = 32
-    config.finetune.milestone_epochs = (8,)
+    config.finetune.milestone_epochs = (7,)
     config.finetune.backbone_lr = 0.02
+    config.finetune.eval_every_epochs = 3
     config.log_every = 10
-    config.eval_every = 30
     config.checkpoint_every = 20
     config.keep_checkpoints = 2
     return config

@@ -30,6 +30,7 @@ from fgnet_jax.data.loaders import (  # noqa: E402
     prepare_tfds,
 )
 from fgnet_jax.data.pipeline import (  # noqa: E402
+    AUGMENTATIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     BatchLayout,
@@ -53,6 +54,7 @@ from fgnet_jax.data.synthetic import (  # noqa: E402
 )
 
 __all__ = [
+    "AUGMENTATIONS",
     "AUXILIARY_DATASETS",
     "TARGET_DATASETS",
     "IMAGENET_MEAN",

@@ -20,10 +20,17 @@ Meta-training step ``k`` uses target batches ``2k`` (T_i, "inner") and ``2k + 1`
 
 Preprocessing (torchvision semantics, ``S`` = image size, 224 by default)
 ---------------------------------------------------------------------------
-train: RandomResizedCrop - up to 10 draws of area ``a ~ U(0.08, 1) H W`` and log aspect
-  ``log r ~ U(log 3/4, log 4/3)``, crop ``w = round(sqrt(a r))``, ``h = round(sqrt(a / r))``, the
-  first that fits at a uniform offset, else the whole image with its aspect clamped to
-  [3/4, 4/3], centred - resized to ``S x S``; horizontal flip with probability 1/2.
+train, one of :data:`AUGMENTATIONS` (the authors used the first in their meta-training stages
+and on the auxiliary data, the second for the final fine-tuning):
+  ``"random_resized_crop"``: RandomResizedCrop - up to 10 draws of area ``a ~ U(0.08, 1) H W``
+  and log aspect ``log r ~ U(log 3/4, log 4/3)``, crop ``w = round(sqrt(a r))``,
+  ``h = round(sqrt(a / r))``, the first that fits at a uniform offset, else the whole image
+  with its aspect clamped to [3/4, 4/3], centred - resized to ``S x S``; horizontal flip with
+  probability 1/2.
+  ``"resize_random_crop"``: Resize(256) + RandomCrop(224) scaled to ``S``: resize the shorter
+  side to ``S * 256 / 224`` and take an ``S x S`` crop at a uniform offset, computed as the
+  equivalent square of side ``round(min(H, W) * 224 / 256)`` at a uniform integer offset in
+  the original image, resized to ``S x S``; horizontal flip with probability 1/2.
 eval: resize the shorter side to ``S * 256 / 224`` and take the central ``S x S`` crop, computed
   as the equivalent central square of side ``min(H, W) * 224 / 256`` resized to ``S x S``.
 Both: bilinear resizing with antialiasing (as PIL), then ``(x / 255 - mean) / std`` with the
@@ -54,6 +61,7 @@ EVAL_CROP_FRACTION = 224 / 256
 CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 _CROP_ATTEMPTS = 10
+AUGMENTATIONS = ("random_resized_crop", "resize_random_crop")
 _UNBOUNDED = 2**62
 
 # --------------------------------------------------------------------------------------------
@@ -105,6 +113,19 @@ def center_crop_window(
     return top, left, side, side
 
 
+def random_square_crop_window(
+    height: tf.Tensor, width: tf.Tensor, seed: tf.Tensor, crop_fraction: float = EVAL_CROP_FRACTION
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Square of side ``round(min(H, W) * crop_fraction)`` at a uniform integer offset:
+    (top, left, side, side). Resize(256) + RandomCrop(224) in original-image coordinates."""
+    side = tf.cast(tf.round(tf.cast(tf.minimum(height, width), tf.float32) * crop_fraction), tf.int32)
+    side = tf.maximum(side, 1)
+    offsets = tf.random.stateless_uniform([2], seed, minval=0, maxval=2**30, dtype=tf.int32)
+    top = offsets[0] % (height - side + 1)
+    left = offsets[1] % (width - side + 1)
+    return top, left, side, side
+
+
 def decode_crop(
     encoded: tf.Tensor, window_fn: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, ...]]
 ) -> tf.Tensor:
@@ -141,10 +162,15 @@ def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
     return tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
 
 
-def preprocess_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int = 224) -> tf.Tensor:
-    """Random resized crop + horizontal flip + normalisation: float32 [S, S, 3]."""
+def preprocess_train(
+    encoded: tf.Tensor, seed: tf.Tensor, image_size: int = 224, augmentation: str = "random_resized_crop"
+) -> tf.Tensor:
+    """``augmentation`` crop (module docstring) + horizontal flip + normalisation: float32 [S, S, 3]."""
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    image = decode_crop(encoded, lambda h, w: random_resized_crop_window(h, w, crop_seed))
+    window = random_resized_crop_window if augmentation == "random_resized_crop" else random_square_crop_window
+    image = decode_crop(encoded, lambda h, w: window(h, w, crop_seed))
     image = _resize(image, image_size)
     flip = tf.random.stateless_uniform([], flip_seed) < 0.5
     image = tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
@@ -337,7 +363,10 @@ def _shuffled_dataset(
     num_parallel_calls: int | None,
     threads: int | None,
     include_ids: bool = False,
+    augmentation: str = "random_resized_crop",
 ) -> tf.data.Dataset:
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
     order = ShuffledOrder(len(source), seed, stream)
 
     def plan(batch: int):
@@ -347,7 +376,7 @@ def _shuffled_dataset(
 
     return _dataset(
         source, plan, layout, first_batch, num_batches,
-        lambda encoded, key: preprocess_train(encoded, key, image_size),
+        lambda encoded, key: preprocess_train(encoded, key, image_size, augmentation),
         ("image", "label", "id") if include_ids else ("image", "label"), num_parallel_calls, threads,
     )
 
@@ -377,6 +406,7 @@ def meta_train_dataset(
     num_parallel_calls: int | None = None,
     threads: int | None = None,
     include_ids: bool = False,
+    augmentation: str = "random_resized_crop",
 ) -> tf.data.Dataset:
     """The tf.data form of :func:`meta_train_stream` (same arguments, no prefetch)."""
     _check_steps(start_step, num_steps)
@@ -384,11 +414,11 @@ def meta_train_dataset(
     aux_layout = dataclasses.replace(target_layout, per_device_batch=auxiliary_per_device_batch or per_device_batch)
     target_ds = _shuffled_dataset(
         target, "target", seed, target_layout, image_size, 2 * start_step,
-        None if num_steps is None else 2 * num_steps, num_parallel_calls, threads, include_ids,
+        None if num_steps is None else 2 * num_steps, num_parallel_calls, threads, include_ids, augmentation,
     )
     aux_ds = _shuffled_dataset(
         auxiliary, "auxiliary", seed, aux_layout, image_size, start_step, num_steps, num_parallel_calls, threads,
-        include_ids,
+        include_ids, augmentation,
     )
     pairs = target_ds.batch(2, drop_remainder=True)  # (T_i, T_j) = target batches (2k, 2k + 1)
     return tf.data.Dataset.zip(pairs, aux_ds).map(
@@ -415,6 +445,8 @@ def meta_train_stream(target: ImageSource, auxiliary: ImageSource, *, prefetch: 
       local_devices, process_index, process_count: topology (default from JAX).
       prefetch: batches prepared ahead; ``num_parallel_calls``, ``threads``: tf.data parallelism.
       include_ids: also yield each batch's example ids (``'id'``, bytes; keep them off devices).
+      augmentation: the training crop, one of :data:`AUGMENTATIONS` (module docstring), for
+        target and auxiliary images alike.
 
     Yields:
       dicts of numpy arrays: images float32 [local_devices, per_device_batch, S, S, 3],
@@ -439,6 +471,7 @@ def supervised_stream(
     threads: int | None = None,
     include_ids: bool = False,
     stream: str = "supervised",
+    augmentation: str = "random_resized_crop",
 ) -> Iterator[dict]:
     """Shuffled, augmented ``{'image', 'label'}`` batches, one per step (batch ``k`` at step ``k``).
 
@@ -451,7 +484,8 @@ def supervised_stream(
     _check_steps(start_step, num_steps)
     layout = default_layout(per_device_batch, local_devices, process_index, process_count)
     ds = _shuffled_dataset(
-        source, stream, seed, layout, image_size, start_step, num_steps, num_parallel_calls, threads, include_ids
+        source, stream, seed, layout, image_size, start_step, num_steps, num_parallel_calls, threads, include_ids,
+        augmentation,
     )
     return _numpy_iterator(ds, prefetch)
 

@@ -23,6 +23,7 @@ to :math:`\theta^t` alone.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -107,8 +108,7 @@ def init_variables(
     faster than running the ResNet op by op.
     """
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    dummy = jnp.zeros((batch, height, width, 3), jnp.float32)
-    variables = jax.jit(lambda key: model.init(key, dummy, train=False))(rng)
+    variables = _jitted_init(model, (batch, height, width, 3))(rng)
     # Flax creates BatchNorm statistics in float32 whatever param_dtype is; a float64 model's
     # first update promotes them to float64, so start them there: a checkpoint template made
     # from these variables must not round restored float64 statistics to float32.
@@ -116,6 +116,14 @@ def init_variables(
     stats_dtype = jnp.promote_types(jnp.float32, param_dtype)
     batch_stats = jax.tree_util.tree_map(lambda x: x.astype(stats_dtype), variables["batch_stats"])
     return {"params": variables["params"], "batch_stats": batch_stats}
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(model: nn.Module, input_shape: tuple[int, ...]):
+    """``model.init`` jitted once per (model, input shape): a run that builds the same model
+    again in one process (a resumed pipeline, tests) does not compile the initialisation again."""
+    dummy = jnp.zeros(input_shape, jnp.float32)
+    return jax.jit(lambda key: model.init(key, dummy, train=False))
 
 
 def fresh_target_head(params: Mapping[str, Any], rng: jax.Array, num_classes: int | None = None) -> dict[str, Any]:

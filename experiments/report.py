@@ -1,0 +1,87 @@
+"""The run's summary (summary.json), training curves (curves.png) and results table."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def summarise(ctx, stages: dict[str, dict], test: dict, validation: dict, selection_info: dict | None) -> dict:
+    config = ctx.config
+    return {
+        "test_accuracy": test["accuracy"],
+        "test_top5": test["top5"],
+        "val_accuracy": validation.get("accuracy"),
+        "method": config.meta.method,
+        "selected_fraction": None if selection_info is None else selection_info["selected_fraction"],
+        "stages": stages,
+        "steps": {name: stage["steps"] for name, stage in stages.items()},
+        "wall_seconds": {name: stage["wall_seconds"] for name, stage in stages.items()},
+        "hardware": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
+                    + ("" if jax.process_count() == 1 else f", {jax.process_count()} processes"),
+        "model": f"ResNet-{config.model.depth} {config.image_size}px {config.model.dtype}",
+        "dataset": config.dataset,
+        "num_train": len(ctx.target.train),
+        "num_validation": len(ctx.target.validation),
+        "num_test": len(ctx.target.test),
+        "num_auxiliary": len(ctx.auxiliary),
+    }
+
+
+def plot_curves(records: list[dict], path: str) -> None:
+    """Loss and validation accuracy per stage, one panel each, against the stage's step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(r["stage"] for r in records))
+    if not stages:
+        return
+    figure, axes = plt.subplots(2, len(stages), figsize=(4 * len(stages), 6), squeeze=False)
+    for column, stage in enumerate(stages):
+        rows = [r for r in records if r["stage"] == stage]
+        for key in ("loss", "meta_loss", "auxiliary_loss"):
+            points = [(r["step"], r[key]) for r in rows if key in r]
+            if points:
+                axes[0, column].plot(*zip(*points), label=key)
+        axes[0, column].set_title(stage)
+        axes[0, column].set_xlabel("step")
+        axes[0, column].legend(fontsize="small")
+        points = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
+        if points:
+            axes[1, column].plot(*zip(*points), marker="o")
+        axes[1, column].set_ylabel("validation top-1")
+        axes[1, column].set_xlabel("step")
+    figure.tight_layout()
+    temporary = f"{path}.tmp-{os.getpid()}.png"
+    figure.savefig(temporary, dpi=90)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def format_summary(summary: dict) -> str:
+    """The results table printed at the end of a run (the README's table format)."""
+    lines = [
+        f"MetaFGNet on {summary['dataset']} - {summary['model']} - method {summary['method']} - {summary['hardware']}",
+        f"{'stage':<22}{'steps':>8}{'wall time':>12}{'best val top-1':>16}",
+    ]
+    for name, stage in summary["stages"].items():
+        val = stage.get("val_accuracy")
+        lines.append(f"{name:<22}{stage['steps']:>8}{_duration(stage['wall_seconds']):>12}"
+                     f"{'' if val is None else f'{100 * val:.2f}%':>16}")
+    selected = summary["selected_fraction"]
+    lines.append(f"selected auxiliary fraction: {'-' if selected is None else f'{100 * selected:.1f}%'} "
+                 f"of {summary['num_auxiliary']}")
+    val = summary["val_accuracy"]
+    lines.append(f"validation top-1: {'-' if val is None else f'{100 * val:.2f}%'} ({summary['num_validation']} images)")
+    lines.append(f"test top-1: {100 * summary['test_accuracy']:.2f}%  top-5: {100 * summary['test_top5']:.2f}% "
+                 f"({summary['num_test']} images)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"

@@ -1,0 +1,211 @@
+"""A restartable training stage: the loop, evaluation, checkpoints, resumption, schedules.
+
+A stage's output (the state the next stage starts from) is its checkpoint pinned at
+``StageSpec.output_step`` if it has one (stage 1: the state after ``output_epoch`` epochs),
+else its best checkpoint by validation accuracy, else its final state. Data order and
+augmentation are pure functions of (seed, step) and the training state carries everything
+else, so a stage resumed from a checkpoint continues exactly as the uninterrupted run would
+have (bit for bit on CPU). ``result.json`` is written only when the stage is complete; a
+rerun then skips the stage and reads its output checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import jax_utils
+
+from experiments.context import Context, Interrupted, NonFiniteLossError
+from experiments.workdir import read_json, write_json_atomic
+from fgnet_jax import data as data_lib
+from fgnet_jax import distributed
+from fgnet_jax.checkpoint import StageCheckpointer
+from fgnet_jax.train import TrainState
+
+
+def steps_per_epoch(num_examples: int, batch: int) -> int:
+    """Steps that read ``num_examples`` at least once: ``ceil(num_examples / batch)`` (the
+    authors' DataLoaders kept the last, smaller batch; here batches run on into the next
+    epoch's order, so an "epoch" is this many full batches)."""
+    return max(1, math.ceil(num_examples / batch))
+
+
+def epoch_milestones_to_steps(milestone_epochs: Sequence[int], steps_in_epoch: int) -> tuple[int, ...]:
+    """Epoch milestones -> step milestones with the same decay points.
+
+    The authors decayed once per milestone ``m`` with ``epoch > m`` (0-based epochs), i.e.
+    from the first step of epoch ``m + 1``, step ``(m + 1) * steps_in_epoch``. With
+    :func:`fgnet_jax.train.step_decay`'s ``step > M`` that is ``M = (m + 1) * steps_in_epoch - 1``.
+    """
+    return tuple((int(m) + 1) * steps_in_epoch - 1 for m in milestone_epochs)
+
+
+@dataclasses.dataclass
+class StageSpec:
+    name: str
+    steps: int
+    initial_state: Callable[[], TrainState]
+    stream: Callable[[int, int], Iterator[dict]]  # (start_step, num_steps) -> batches
+    step_fn: Callable  # pmapped (state, batch) -> (state, metrics)
+    eval_fn: Callable | None  # pmapped eval step; None: the stage is never evaluated
+    eval_every: int = 0  # steps; 0: never (besides the last step when eval_fn is set)
+    output_step: int | None = None  # pin this step's state as the stage's output
+
+
+_PMAP_CACHE: dict = {}
+
+
+def cached_pmap(factory, *args):
+    """One pmapped function per (factory, arguments): stages with equal settings, and a run
+    resumed in the same process, share compilations. Arguments are hashable values (the model,
+    frozen config dataclasses, strings)."""
+    key = (factory, *args)
+    if key not in _PMAP_CACHE:
+        _PMAP_CACHE[key] = factory(*args)
+    return _PMAP_CACHE[key]
+
+
+def evaluate(ctx: Context, params, batch_stats, source, eval_fn) -> dict[str, float]:
+    """Top-1/top-5 accuracy and mean loss of the target head on ``source`` (every example
+    once, eval mode, Resize + CenterCrop)."""
+    if len(source) == 0:
+        return {}
+    per_device = ctx.config.eval_batch // ctx.num_devices
+    params_r, stats_r = jax_utils.replicate(params), jax_utils.replicate(batch_stats)
+    totals = None
+    for batch in data_lib.eval_stream(source, per_device_batch=per_device, image_size=ctx.config.image_size):
+        sums = eval_fn(params_r, stats_r, {k: batch[k] for k in ("image", "label", "mask")})
+        sums = jax.tree_util.tree_map(lambda x: float(x[0]), sums)
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+    count = max(totals["count"], 1.0)
+    return {"accuracy": totals["top1"] / count, "top5": totals["top5"] / count, "loss": totals["loss_sum"] / count}
+
+
+def progress(stage: str, total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=stage, unit="step", disable=not enabled, dynamic_ncols=True,
+                file=sys.stderr, smoothing=0.1)
+
+
+def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
+    """Train ``spec`` to completion (resuming if it was interrupted); return its output state
+    and its result record."""
+    directory = ctx.stage_dir(spec.name)
+    checkpointer = StageCheckpointer(directory, keep=ctx.config.keep_checkpoints)
+    result_path = os.path.join(directory, "result.json")
+    template = spec.initial_state()
+    result = read_json(result_path)
+    if result is not None:
+        return _stage_output(checkpointer, template, spec), result
+
+    state, elapsed, start = template, 0.0, 0
+    if checkpointer.latest_step() is not None:
+        state, meta = checkpointer.restore_latest(template)
+        start, elapsed = int(state.step), float(meta.get("elapsed_seconds", 0.0))
+        ctx.logger.forget_after(spec.name, start)
+        print(f"{spec.name}: resuming from step {start} ({directory})", file=sys.stderr)
+    validation = ctx.target.validation
+    config = ctx.config
+    replicated = jax_utils.replicate(state)
+    last_saved = start
+
+    def host_state(replicated_state):
+        return jax.device_get(jax_utils.unreplicate(replicated_state))
+
+    def save(step: int, replicated_state) -> None:
+        nonlocal last_saved
+        checkpointer.save(step, host_state(replicated_state),
+                          meta={"stage": spec.name, "elapsed_seconds": elapsed + (time.time() - started)})
+        last_saved = step
+
+    def evaluation_due(step: int) -> bool:
+        if spec.eval_fn is None:
+            return False
+        return (spec.eval_every > 0 and step % spec.eval_every == 0) or step == spec.steps
+
+    started = time.time()
+    stream = spec.stream(start, spec.steps - start)
+    with progress(spec.name, spec.steps, start, ctx.is_chief) as bar:
+        for step in range(start + 1, spec.steps + 1):
+            batch = _device_batch(next(stream))
+            replicated, metrics = spec.step_fn(replicated, batch)
+            bar.update(1)
+            stop_now = _stop_requested(ctx, spec.name, step)
+            log_now = step % config.log_every == 0 or step == spec.steps
+            if log_now or stop_now or step % config.checkpoint_every == 0 or evaluation_due(step):
+                host_metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+                if not all(math.isfinite(v) for v in host_metrics.values()):
+                    raise NonFiniteLossError(
+                        f"{spec.name}: non-finite metrics at step {step} ({_format(host_metrics)}); "
+                        f"the last good checkpoint is step {last_saved} in {directory}"
+                    )
+                bar.set_postfix(loss=f"{host_metrics['loss']:.3f}", refresh=False)
+                if log_now:
+                    ctx.logger.write(spec.name, step, host_metrics)
+            if evaluation_due(step):
+                params, stats = jax.device_get(jax_utils.unreplicate((replicated.params, replicated.batch_stats)))
+                val = evaluate(ctx, params, stats, validation, spec.eval_fn)
+                if val:
+                    ctx.logger.write(spec.name, step, {f"val_{k}": v for k, v in val.items()})
+                    bar.set_postfix(loss=f"{host_metrics['loss']:.3f}", val=f"{val['accuracy']:.3f}", refresh=False)
+                    checkpointer.save_if_best(step, host_state(replicated), val["accuracy"], meta={"stage": spec.name})
+            if step == spec.output_step:  # before the periodic save: a resume past it finds it
+                checkpointer.save_pinned(step, host_state(replicated), meta={"stage": spec.name})
+            if step % config.checkpoint_every == 0 or step == spec.steps or stop_now:
+                save(step, replicated)
+            if stop_now:
+                raise Interrupted(f"{spec.name}: stopped at step {step}; checkpoint saved, rerun the same command to resume")
+    if spec.steps == start:  # nothing left to do (e.g. 0 steps): keep the starting state
+        save(start, replicated)
+    elapsed += time.time() - started
+    best = checkpointer.best_metrics()
+    result = {
+        "steps": spec.steps,
+        "wall_seconds": elapsed,
+        "best_step": checkpointer.best_step(),
+        "val_accuracy": None if best is None else best["val_accuracy"],
+        "output_step": spec.output_step if spec.output_step is not None else (checkpointer.best_step() or spec.steps),
+    }
+    if ctx.is_chief:
+        write_json_atomic(result_path, result)
+    distributed.barrier(f"{spec.name}: complete")
+    return _stage_output(checkpointer, template, spec), result
+
+
+def _stop_requested(ctx: Context, stage: str, step: int) -> bool:
+    """Whether to checkpoint and stop after ``step``. With several processes they must stop
+    together (checkpoints are saved collectively), so a signal received by any process is
+    shared at the next ``log_every`` step."""
+    if jax.process_count() == 1:
+        return ctx.stop.should_stop(stage, step)
+    if step % ctx.config.log_every:
+        return False
+    return bool(distributed.allgather(np.asarray([ctx.stop.should_stop(stage, step)])).any())
+
+
+def _stage_output(checkpointer: StageCheckpointer, template: TrainState, spec: StageSpec) -> TrainState:
+    if spec.output_step is not None:
+        if spec.output_step not in checkpointer.pinned_steps():
+            raise RuntimeError(f"{spec.name}: the output checkpoint of step {spec.output_step} is missing "
+                               f"from {checkpointer.directory}/pinned")
+        return checkpointer.restore_pinned(spec.output_step, template)[0]
+    if checkpointer.best_step() is not None:
+        return checkpointer.restore_best(template)[0]
+    return checkpointer.restore_latest(template)[0]
+
+
+def _device_batch(batch: dict) -> dict:
+    """Drop host-only entries (ids) before sending a batch to the devices."""
+    return {k: (_device_batch(v) if isinstance(v, dict) else v) for k, v in batch.items() if k != "id"}
+
+
+def _format(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
