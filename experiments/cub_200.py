@@ -90,6 +90,11 @@ _CPU_CONVOLUTIONS = flags.DEFINE_enum(
     "An XLA_FLAGS setting of your own wins; GPU/TPU runs are unaffected.")
 
 
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", "default",
+    "Directory of JAX's persistent compilation cache ('default': $JAX_COMPILATION_CACHE_DIR if set, else "
+    "$XDG_CACHE_HOME/fgnet_jax/jax_compilation_cache; "
+    "'off': none). A rerun, or another run with the same shapes, loads compiled programs instead of compiling.")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "off", ["off", "auto", "on"],
     "Multi-process run on JAX's distributed runtime: 'on' needs --coordinator_address, --num_processes and "
@@ -134,11 +139,14 @@ def write_demo_data(config) -> None:
                         images_per_class=demo.DEMO_TARGET_IMAGES_PER_CLASS, image_size=64, as_tarball=True)
     half = demo.DEMO_AUXILIARY_CLASSES // 2
     images = demo.DEMO_AUXILIARY_IMAGES_PER_CLASS
-    # Related classes share the target classes' styles; unrelated ones come from far-off styles.
+    # Related classes are new images of 20 of the 30 target classes (same colour, stripe angle and
+    # frequency); unrelated ones are another kind of image (desaturated checkerboards with a
+    # rectangle) that shares none of the features telling the target classes apart.
     write_synthetic_image_folder(config.auxiliary.folder, num_classes=half, images_per_class=images, image_size=64,
                                  seed=1, first_style=0, class_names=[f"related_{i:03d}" for i in range(half)])
     write_synthetic_image_folder(config.auxiliary.folder, num_classes=half, images_per_class=images, image_size=64,
-                                 seed=2, first_style=1000, class_names=[f"unrelated_{i:03d}" for i in range(half)])
+                                 seed=2, first_style=0, family="checks",
+                                 class_names=[f"unrelated_{i:03d}" for i in range(half)])
     open(marker, "w").close()
 
 
@@ -153,6 +161,9 @@ def main(argv) -> None:
     use_cpu_convolutions(_CPU_CONVOLUTIONS.value)
     if _DEVICES.value:
         simulate_cpu_devices(_DEVICES.value)
+    from experiments import compilation
+
+    compilation.configure(_COMPILATION_CACHE.value)
     from fgnet_jax import distributed
 
     try:
@@ -168,13 +179,16 @@ def main(argv) -> None:
     import jax
 
     from experiments import pipeline
-    from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError
+    from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError, require_target_files
 
     try:
         try:  # every process runs the same config on the same topology
             distributed.check_agreement(config, {"workdir": workdir})
         except distributed.DistributedError as error:
             raise pipeline.UsageError(str(error)) from None
+        if not _DEMO.value:  # no data at all: say first where the target dataset goes (and --demo)
+            require_target_files(config.dataset, data_dir=config.data_dir or None,
+                                 manual_dir=config.manual_dir or None)
         # Before any work, demo data included; the global batches divide over every process's devices.
         pipeline.validate_config(config, jax.device_count())
         if config.model.dtype == "float64":

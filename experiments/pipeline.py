@@ -21,6 +21,7 @@ import os
 import ml_collections
 
 from experiments import report
+from experiments.compilation import CompileCounter
 from experiments.config_checks import validate_config  # noqa: F401  (re-exported for the entry point)
 from experiments.context import AXIS, Interrupted, NonFiniteLossError, StopFlag, build_context  # noqa: F401
 from experiments.report import format_summary  # noqa: F401
@@ -38,6 +39,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
     """
     stages: dict[str, dict] = {}
     selection_info = None
+    compilations = CompileCounter()
     with stop or StopFlag() as stop_flag:
         ctx = build_context(config, workdir, stop_flag, allow_config_change)
 
@@ -55,6 +57,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
         validation = evaluate(ctx, variables["params"], variables["batch_stats"], ctx.target.validation, eval_fn)
     stages = {name: result for name, result in stages.items() if result is not None}  # skipped stages
     summary = report.summarise(ctx, stages, test, validation, selection_info)
+    summary["compilations"] = compilations.summary()
     if ctx.is_chief:
         write_json_atomic(os.path.join(workdir, "summary.json"), summary)
         report.plot_curves(ctx.logger.records(), os.path.join(workdir, "curves.png"))

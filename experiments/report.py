@@ -15,6 +15,7 @@ def summarise(ctx, stages: dict[str, dict], test: dict, validation: dict, select
         "val_accuracy": validation.get("accuracy"),
         "method": config.meta.method,
         "selected_fraction": None if selection_info is None else selection_info["selected_fraction"],
+        "selected_by_group": None if selection_info is None else selection_info.get("kept_by_group"),
         "stages": stages,
         "steps": {name: stage["steps"] for name, stage in stages.items()},
         "wall_seconds": {name: stage["wall_seconds"] for name, stage in stages.items()},
@@ -52,8 +53,12 @@ def plot_curves(records: list[dict], path: str) -> None:
         points = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
         if points:
             axes[1, column].plot(*zip(*points), marker="o")
-        axes[1, column].set_ylabel("validation top-1")
-        axes[1, column].set_xlabel("step")
+            axes[1, column].set_ylabel("validation top-1")
+            axes[1, column].set_xlabel("step")
+        else:  # stage 1 is never evaluated: say so rather than draw empty axes
+            axes[1, column].axis("off")
+            axes[1, column].text(0.5, 0.5, "not evaluated\n(no validation split for this stage)",
+                                 ha="center", va="center", transform=axes[1, column].transAxes, color="grey")
     figure.tight_layout()
     temporary = f"{path}.tmp-{os.getpid()}.png"
     figure.savefig(temporary, dpi=90)
@@ -74,10 +79,17 @@ def format_summary(summary: dict) -> str:
     selected = summary["selected_fraction"]
     lines.append(f"selected auxiliary fraction: {'-' if selected is None else f'{100 * selected:.1f}%'} "
                  f"of {summary['num_auxiliary']}")
+    for group, counts in (summary.get("selected_by_group") or {}).items():
+        lines.append(f"  kept {counts['kept']} of {counts['total']} {group} auxiliary images "
+                     f"({100 * counts['kept'] / max(counts['total'], 1):.1f}%)")
     val = summary["val_accuracy"]
     lines.append(f"validation top-1: {'-' if val is None else f'{100 * val:.2f}%'} ({summary['num_validation']} images)")
     lines.append(f"test top-1: {100 * summary['test_accuracy']:.2f}%  top-5: {100 * summary['test_top5']:.2f}% "
                  f"({summary['num_test']} images)")
+    compilations = summary.get("compilations")
+    if compilations:
+        lines.append(f"compilations: {compilations['compiled']} programs compiled, {compilations['cache_hits']} loaded "
+                     f"from the persistent compilation cache ({compilations['backend_seconds']:.1f} s)")
     return "\n".join(lines)
 
 

@@ -22,11 +22,11 @@ import jax
 import numpy as np
 from flax import jax_utils
 
-from experiments.context import Context, Interrupted, NonFiniteLossError
+from experiments.context import AXIS, Context, Interrupted, NonFiniteLossError
 from experiments.workdir import read_json, write_json_atomic
 from fgnet_jax import data as data_lib
 from fgnet_jax import distributed
-from fgnet_jax.checkpoint import StageCheckpointer
+from fgnet_jax.checkpoint import StageCheckpointer, weights_only
 from fgnet_jax.train import TrainState
 
 
@@ -72,13 +72,29 @@ def cached_pmap(factory, *args):
     return _PMAP_CACHE[key]
 
 
+def replicate(tree):
+    """``tree`` on every local device, placed as the pmapped steps place their outputs.
+
+    flax's ``jax_utils.replicate`` puts arrays on a mesh whose axis is named
+    ``_device_put_sharded``, the steps return them on one named ``AXIS``: a step fed the first
+    compiled again (same shapes) for its second call. With one process the arrays are moved
+    to the steps' sharding here (no compilation), so every step compiles once."""
+    replicated = jax_utils.replicate(tree)
+    if jax.process_count() > 1:
+        return replicated
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(Mesh(np.asarray(jax.local_devices()), (AXIS,)), PartitionSpec(AXIS))
+    return jax.device_put(replicated, sharding)
+
+
 def evaluate(ctx: Context, params, batch_stats, source, eval_fn) -> dict[str, float]:
     """Top-1/top-5 accuracy and mean loss of the target head on ``source`` (every example
     once, eval mode, Resize + CenterCrop)."""
     if len(source) == 0:
         return {}
     per_device = ctx.config.eval_batch // ctx.num_devices
-    params_r, stats_r = jax_utils.replicate(params), jax_utils.replicate(batch_stats)
+    params_r, stats_r = replicate(params), replicate(batch_stats)
     totals = None
     for batch in data_lib.eval_stream(source, per_device_batch=per_device, image_size=ctx.config.image_size):
         sums = eval_fn(params_r, stats_r, {k: batch[k] for k in ("image", "label", "mask")})
@@ -88,11 +104,66 @@ def evaluate(ctx: Context, params, batch_stats, source, eval_fn) -> dict[str, fl
     return {"accuracy": totals["top1"] / count, "top5": totals["top5"] / count, "loss": totals["loss_sum"] / count}
 
 
-def progress(stage: str, total: int, initial: int, enabled: bool):
+class LineProgress:
+    """Progress as plain lines (one per ``interval`` seconds, and the last step) for output that
+    is not a terminal: a log file gets readable lines, not carriage returns and escape codes.
+
+    The rate, and so the remaining time, counts from the end of the first step: the first
+    step compiles and would inflate the estimate."""
+
+    def __init__(self, desc: str, total: int, initial: int = 0, enabled: bool = True, interval: float = 15.0,
+                 file=None):
+        self.desc, self.total, self.n, self.enabled, self.interval = desc, total, initial, enabled, interval
+        self.file = file if file is not None else sys.stderr
+        self.postfix: dict[str, str] = {}
+        self._start_time = time.time()
+        self._rate_from: tuple[float, int] | None = None  # (time, n) after the first step
+        self._last_print = self._start_time
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def set_postfix(self, refresh: bool = True, **values) -> None:
+        self.postfix.update({k: str(v) for k, v in values.items()})
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.time()
+        if self._rate_from is None:
+            self._rate_from = (now, self.n)
+        if self.enabled and (now - self._last_print >= self.interval or self.n >= self.total):
+            self._last_print = now
+            print(self.line(now), file=self.file, flush=True)
+
+    def line(self, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        parts = [f"{self.desc}: {self.n}/{self.total}", f"elapsed {_clock(now - self._start_time)}"]
+        if self._rate_from is not None and self.n > self._rate_from[1] and now > self._rate_from[0]:
+            rate = (self.n - self._rate_from[1]) / (now - self._rate_from[0])
+            parts.append(f"{rate:.2f} step/s")
+            if self.n < self.total:
+                parts.append(f"left ~{_clock((self.total - self.n) / rate)}")
+        parts += [f"{k}={v}" for k, v in self.postfix.items()]
+        return "  ".join(parts)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes}:{seconds:02d}" if minutes < 60 else f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+def progress(stage: str, total: int, initial: int, enabled: bool, file=None):
+    """A tqdm bar on a terminal; :class:`LineProgress` (a line per interval) otherwise."""
+    file = file if file is not None else sys.stderr
+    if not (hasattr(file, "isatty") and file.isatty()):
+        return LineProgress(stage, total, initial, enabled, file=file)
     from tqdm import tqdm
 
     return tqdm(total=total, initial=initial, desc=stage, unit="step", disable=not enabled, dynamic_ncols=True,
-                file=sys.stderr, smoothing=0.1)
+                file=file, smoothing=0.1)
 
 
 def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
@@ -114,7 +185,7 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         print(f"{spec.name}: resuming from step {start} ({directory})", file=sys.stderr)
     validation = ctx.target.validation
     config = ctx.config
-    replicated = jax_utils.replicate(state)
+    replicated = replicate(state)
     last_saved = start
 
     def host_state(replicated_state):
@@ -156,9 +227,10 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
                 if val:
                     ctx.logger.write(spec.name, step, {f"val_{k}": v for k, v in val.items()})
                     bar.set_postfix(loss=f"{host_metrics['loss']:.3f}", val=f"{val['accuracy']:.3f}", refresh=False)
-                    checkpointer.save_if_best(step, host_state(replicated), val["accuracy"], meta={"stage": spec.name})
+                    checkpointer.save_if_best(step, weights_only(host_state(replicated)), val["accuracy"],
+                                              meta={"stage": spec.name})
             if step == spec.output_step:  # before the periodic save: a resume past it finds it
-                checkpointer.save_pinned(step, host_state(replicated), meta={"stage": spec.name})
+                checkpointer.save_pinned(step, weights_only(host_state(replicated)), meta={"stage": spec.name})
             if step % config.checkpoint_every == 0 or step == spec.steps or stop_now:
                 save(step, replicated)
             if stop_now:
@@ -177,7 +249,13 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
     if ctx.is_chief:
         write_json_atomic(result_path, result)
     distributed.barrier(f"{spec.name}: complete")
-    return _stage_output(checkpointer, template, spec), result
+    output = _stage_output(checkpointer, template, spec)
+    if spec.output_step is not None or checkpointer.best_step() is not None:
+        # Complete (result.json written first): a rerun reads only the output checkpoint.
+        if ctx.is_chief:
+            checkpointer.discard_latest()
+        distributed.barrier(f"{spec.name}: periodic checkpoints removed")
+    return output, result
 
 
 def _stop_requested(ctx: Context, stage: str, step: int) -> bool:

@@ -6,9 +6,14 @@ Layout of a stage's directory::
     DIR/best/<step>/     the single best checkpoint by validation accuracy
     DIR/pinned/<step>/   checkpoints kept for good (e.g. the state a next stage starts from)
 
-Each checkpoint holds the whole :class:`~fgnet_jax.train.TrainState` (params, batch
-statistics, optimiser state, step, rng) and a small JSON ``meta`` item (stage, config
-fingerprint, metrics). Orbax writes a checkpoint into a temporary directory and renames it
+Each checkpoint holds what it is given and a small JSON ``meta`` item (stage, config
+fingerprint, metrics): ``latest`` the whole :class:`~fgnet_jax.train.TrainState` (params, batch
+statistics, optimiser state, step, rng: what resuming needs); ``best`` and ``pinned``, which
+only hand a stage's weights on to the next stage (every stage starts a fresh optimiser), may
+hold just ``{"step", "params", "batch_stats"}`` (:func:`weights_only`, half the size):
+restoring one into a ``TrainState`` template keeps the template's optimiser state and rng.
+:meth:`StageCheckpointer.discard_latest` removes ``latest`` once a stage is complete and its
+output is elsewhere. Orbax writes a checkpoint into a temporary directory and renames it
 into place only when complete, so a crash or ``kill -9`` mid-save leaves the previous
 checkpoints intact; the unfinished temporary directory is ignored and cleaned up on the
 next start.
@@ -26,13 +31,16 @@ around each save, and every process reads the checkpoint back on restore.
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["StageCheckpointer"]
+__all__ = ["StageCheckpointer", "weights_only"]
+
+_WEIGHT_KEYS = ("step", "params", "batch_stats")
 
 PyTree = Any
 
@@ -40,6 +48,11 @@ PyTree = Any
 def _host(tree: PyTree) -> PyTree:
     """A host (numpy) copy, so saving never depends on device placement or donation."""
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def weights_only(state) -> dict:
+    """``{"step", "params", "batch_stats"}`` of a TrainState: what a stage's output needs."""
+    return {key: getattr(state, key) for key in _WEIGHT_KEYS}
 
 
 def _manager(directory: str, max_to_keep: int | None, best: bool) -> ocp.CheckpointManager:
@@ -62,6 +75,7 @@ class StageCheckpointer:
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.directory = directory
+        self._keep = keep
         self._latest = _manager(os.path.join(directory, "latest"), keep, best=False)
         self._best = _manager(os.path.join(directory, "best"), 1, best=True)
         self._pinned_directory = os.path.join(directory, "pinned")
@@ -122,6 +136,14 @@ class StageCheckpointer:
     def restore_best(self, template: PyTree) -> tuple[PyTree, dict]:
         return self._restore(self._best, self._best.best_step(), template)
 
+    def discard_latest(self) -> None:
+        """Delete the periodic checkpoints (a complete stage whose output is its best or pinned
+        checkpoint no longer needs them)."""
+        directory = self._latest.directory
+        self._latest.close()
+        shutil.rmtree(directory, ignore_errors=True)
+        self._latest = _manager(os.fspath(directory), self._keep, best=False)
+
     @staticmethod
     def _args(state: PyTree, meta: Mapping[str, Any] | None) -> ocp.args.Composite:
         return ocp.args.Composite(state=ocp.args.StandardSave(_host(state)), meta=ocp.args.JsonSave(dict(meta or {})))
@@ -130,11 +152,16 @@ class StageCheckpointer:
     def _restore(manager: ocp.CheckpointManager, step: int | None, template: PyTree) -> tuple[PyTree, dict]:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {manager.directory}")
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _host(template))
+        saved = manager.item_metadata(step)["state"]
+        partial = (hasattr(saved, "keys") and set(saved.keys()) == set(_WEIGHT_KEYS)
+                   and all(hasattr(template, key) for key in _WEIGHT_KEYS) and hasattr(template, "replace"))
+        target = weights_only(template) if partial else template
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _host(target))
         restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         )
-        return restored["state"], dict(restored["meta"] or {})
+        state = template.replace(**restored["state"]) if partial else restored["state"]
+        return state, dict(restored["meta"] or {})
 
     def close(self) -> None:
         self._latest.close()

@@ -346,13 +346,20 @@ def load_torch_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False
         return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except Exception as error:  # torch raises many types (pickle, zip, runtime)
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        refused = [line for line in lines if line.startswith("WeightsUnpickler error:")]
-        if refused:  # weights_only met a non-tensor object; torch's own message is a page long
-            reason = refused[0].split(". Please")[0]
+        text = " ".join(lines)
+        if "Unsupported global" in text:  # a well-formed file holding a non-tensor object
+            reason = "Unsupported global" + text.split("Unsupported global", 1)[1].split(" was not an allowed")[0]
             raise ValueError(
-                f"cannot read {path} with weights_only=True ({reason}); "
+                f"cannot read {path} with weights_only=True ({reason.strip()}); "
                 "if you trust the file, pass --trust-pickle (trust_pickle=True)"
             ) from None
+        if "WeightsUnpickler error" in text:  # not a pickle stream: a broken file, not an unsafe one
+            reason = text.split("WeightsUnpickler error:", 1)[1].strip() or "unreadable pickle data"
+            raise ValueError(f"cannot read {path}: the file is corrupt or not a PyTorch checkpoint ({reason}); "
+                             "copy or download it again") from None
+        if "PytorchStreamReader failed" in text:
+            raise ValueError(f"cannot read {path}: the file is corrupt or truncated (not a complete PyTorch zip "
+                             "archive); copy or download it again") from None
         reason = lines[0] if lines else type(error).__name__
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {reason}") from None
 

@@ -9,8 +9,9 @@ logits (:math:`C_t`),
     z = \mathrm{ReLU}([a; t]), \qquad \hat z = z / \lVert z \rVert_2, \qquad
     \mathrm{score} = \sum_{c=1}^{C_t} \hat z_{C_s + c},
 
-the share of the (rectified, normalised) response that falls on the target classes: high
-when the image looks more like the target task than like its own auxiliary class.
+the target classes' part of the rectified, L2-normalised response (between 0 and
+:math:`\sqrt{C_t}`; not a fraction): high when the image looks more like the target task than
+like its own auxiliary class.
 (An all-non-positive logit vector scores 0.)
 
 Criteria: keep the top ``ratio`` fraction, the top ``k`` images, or every image with
@@ -131,18 +132,38 @@ def _selection_dir(workdir: str, tag: str) -> str:
     return os.path.join(workdir, "selection", tag)
 
 
-def _write_histogram(path: str, scores: np.ndarray, cutoff: float | None) -> None:
+def _write_histogram(path: str, scores: np.ndarray, cutoff: float | None,
+                     groups: Sequence[str] | None = None, selected: Sequence[bool] | None = None) -> None:
+    """Histogram of the scores with the cut-off; with ``groups`` (a group name per image, e.g.
+    the demo's ``related``/``unrelated``) one stacked colour per group, the legend giving
+    each group's kept fraction."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
-    axis.hist(scores, bins=min(50, max(5, len(scores) // 5)), color="tab:blue")
+    bins = np.histogram_bin_edges(scores, bins=min(50, max(5, len(scores) // 5)))
+    if groups is None:
+        axis.hist(scores, bins=bins, color="tab:blue")
+    else:
+        names = sorted(set(groups))
+        groups_array = np.asarray(groups)
+        kept = np.asarray(selected, bool) if selected is not None else None
+        labels = []
+        for name in names:
+            members = groups_array == name
+            label = f"{name} ({int(members.sum())} images"
+            if kept is not None:
+                label += f", {100 * kept[members].mean():.0f}% kept"
+            labels.append(label + ")")
+        axis.hist([scores[groups_array == name] for name in names], bins=bins, stacked=True, label=labels,
+                  color=[plt.get_cmap("tab10")(i) for i in range(len(names))])
     if cutoff is not None:
         axis.axvline(cutoff, color="tab:red", linestyle="--", label=f"selection cut-off {cutoff:.3f}")
-        axis.legend()
-    axis.set_xlabel("score (target share of normalised ReLU logits)")
+    if cutoff is not None or groups is not None:
+        axis.legend(fontsize="small")
+    axis.set_xlabel("score: target-head part of the L2-normalised ReLU logits")
     axis.set_ylabel("auxiliary images")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
@@ -156,8 +177,12 @@ def write_selection(
     scores: np.ndarray,
     selected: Sequence[str],
     info: Mapping[str, Any],
+    groups: Sequence[str] | None = None,
 ) -> str:
     """Write scores, selected ids, a histogram and ``info`` atomically; returns the directory.
+
+    ``groups`` (optional, a group name per id) colours the histogram by group and adds each
+    group's kept and total counts to the record (``kept_by_group``).
 
     An existing selection with the same tag is left as it is (same parameters, same scores).
     """
@@ -177,9 +202,15 @@ def write_selection(
             handle.writelines(f"{example_id}\n" for example_id in selected)
         score_of = dict(zip(map(str, ids), scores))
         cutoff = min(score_of[s] for s in selected) if selected else None
-        _write_histogram(os.path.join(staging, _HISTOGRAM_FILE), scores, cutoff)
+        chosen = set(map(str, selected))
+        is_kept = [str(i) in chosen for i in ids]
+        _write_histogram(os.path.join(staging, _HISTOGRAM_FILE), scores, cutoff, groups, is_kept)
         record = dict(info, tag=tag, num_scored=len(ids), num_selected=len(selected),
                       selected_fraction=len(selected) / max(len(ids), 1))
+        if groups is not None:
+            record["kept_by_group"] = {
+                name: {"kept": sum(k for g, k in zip(groups, is_kept) if g == name),
+                       "total": sum(1 for g in groups if g == name)} for name in sorted(set(groups))}
         with open(os.path.join(staging, _INFO_FILE), "w") as handle:
             json.dump(record, handle, indent=2, sort_keys=True)
         for name in os.listdir(staging):

@@ -258,9 +258,15 @@ def test_cli_formats_and_errors(tmp_path, capsys):
     garbage.write_bytes(b"this is not a pickle")
     with_numpy = tmp_path / "with_numpy.pth"  # like old training scripts' best_prec1
     torch.save({"best_prec1": np.float64(85.8), "state_dict": state_dict}, with_numpy)
+    truncated = tmp_path / "truncated.pth"  # a download cut short
+    truncated.write_bytes(plain.read_bytes()[:300])
+    random_bytes = tmp_path / "random.pth"
+    random_bytes.write_bytes(bytes(range(256)) * 2)
     for argv, expected in [
         ([str(tmp_path / "absent.pth"), str(tmp_path / "b")], "no such checkpoint file"),
         ([str(garbage), str(tmp_path / "b")], "cannot read"),
+        ([str(truncated), str(tmp_path / "b")], "corrupt"),
+        ([str(random_bytes), str(tmp_path / "b")], "corrupt"),
         ([str(plain), str(tmp_path / "notes")], "is not empty"),
         ([str(plain), str(tmp_path / "notes"), "--overwrite"], "not an Orbax checkpoint"),
         ([str(with_numpy), str(tmp_path / "b")], "pass --trust-pickle"),
@@ -268,6 +274,8 @@ def test_cli_formats_and_errors(tmp_path, capsys):
         assert convert.main(argv) == 1
         err = capsys.readouterr().err
         assert expected in err and err.count("\n") == 1, err  # one line
+        if expected == "corrupt":  # a broken file is not a reason to unpickle unsafely
+            assert "trust" not in err and "weights_only" not in err, err
     assert (tmp_path / "notes" / "keep.txt").exists()
     assert convert.main([str(with_numpy), str(tmp_path / "b"), "--trust-pickle"], log=messages.append) == 0
 

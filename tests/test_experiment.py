@@ -21,7 +21,7 @@ TINY = [
     "--config.auxiliary_pretrain.output_epoch=1",
     "--config.auxiliary_pretrain.milestone_epochs=()",
     "--config.meta_train.steps=8",
-    "--config.meta_train.milestones=(5,)",
+    "--config.meta_train.milestones=()",  # as stage 4's: one compiled step serves both
     "--config.meta_train.eval_every=4",
     "--config.meta_train_selected.steps=4",
     "--config.meta_train_selected.milestones=()",
@@ -52,14 +52,14 @@ def run_demo(workdir, cache_dir, *extra, wait=True):
 
 
 def final_params(workdir):
-    """The fine-tuning stage's last checkpoint, as flat numpy arrays."""
+    """The fine-tuning stage's output (its best checkpoint), as flat numpy arrays."""
     import jax
     import orbax.checkpoint as ocp
 
-    latest = workdir / "finetune" / "latest"
-    step = max(int(p.name) for p in latest.iterdir() if p.name.isdigit())
+    best = workdir / "finetune" / "best"
+    step = max(int(p.name) for p in best.iterdir() if p.name.isdigit())
     with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(latest / str(step) / "state")
+        state = checkpointer.restore(best / str(step) / "state")
     leaves = jax.tree_util.tree_leaves_with_path(state["params"])
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
 
@@ -71,11 +71,11 @@ def reference_run(tmp_path_factory):
     workdir, cache = base / "uninterrupted", base / "jax_cache"
     code, stdout, stderr = run_demo(workdir, cache)
     assert code == 0, stderr[-3000:]
-    return base, workdir, cache, stdout
+    return base, workdir, cache, stdout, stderr
 
 
 def test_demo_runs_every_stage_learns_and_writes_summary(reference_run):
-    _, workdir, _, stdout = reference_run
+    _, workdir, _, stdout, stderr = reference_run
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["steps"] == {"auxiliary_pretrain": 15, "meta_train": 8, "selection": 0, "meta_train_selected": 4,
                                 "finetune": 32}
@@ -96,10 +96,34 @@ def test_demo_runs_every_stage_learns_and_writes_summary(reference_run):
     selected = (selection_dir / "selected_ids.txt").read_text().split()
     assert len(selected) == round(0.8 * summary["num_auxiliary"])
     assert "test top-1" in stdout
+    # Kept fractions per group (the demo knows which auxiliary images are related).
+    kept = summary["selected_by_group"]
+    assert set(kept) == {"related", "unrelated"} and kept["related"]["total"] == kept["unrelated"]["total"] == 240
+    assert "related auxiliary images" in stdout
+
+
+def test_demo_output_is_plain_lines_and_compiles_each_step_once(reference_run):
+    _, workdir, _, stdout, stderr = reference_run
+    # Not a terminal: a progress line per interval, no carriage returns or escape codes.
+    assert "\r" not in stderr and "\x1b[" not in stderr and "\r" not in stdout
+    assert "meta_train: 8/8" in stderr
+    assert "Downloading" not in stdout + stderr  # TFDS only reads the generated archive
+    # A fresh cache: every training/eval/score program compiled exactly once, though the steps
+    # are called across stages (the two meta stages share their step).
+    compilations = json.loads((workdir / "summary.json").read_text())["compilations"]
+    steps = {name: n for name, n in compilations["by_name"].items() if name.endswith("_step")}
+    assert {"train_step", "supervised_step", "eval_step", "score_step"} <= set(steps), compilations
+    assert steps["supervised_step"] == 2  # stage 1 (auxiliary head) and stage 5 (target head)
+    assert all(n == 1 for name, n in steps.items() if name != "supervised_step"), compilations
+    assert compilations["cache_hits"] == 0 and compilations["compiled"] == compilations["programs"]
+    assert "compilations:" in stdout
+    # Complete stages keep only their output checkpoints (weights and step, no optimiser state).
+    for stage in ("auxiliary_pretrain", "meta_train", "meta_train_selected", "finetune"):
+        assert not (workdir / stage / "latest").exists(), stage
 
 
 def test_rerun_of_finished_workdir_skips_all_work(reference_run):
-    base, workdir, cache, _ = reference_run
+    base, workdir, cache, _, _ = reference_run
     before = (workdir / "summary.json").read_text()
     started = time.time()
     code, stdout, stderr = run_demo(workdir, cache)
@@ -111,7 +135,7 @@ def test_rerun_of_finished_workdir_skips_all_work(reference_run):
 
 
 def test_kill_minus_nine_then_resume_matches_uninterrupted(reference_run):
-    base, reference, cache, _ = reference_run
+    base, reference, cache, _, _ = reference_run
     workdir = base / "killed"
     process = run_demo(workdir, cache, wait=False)
     # Wait until meta-training has checkpointed at least once and moved past it, then kill -9.
@@ -131,6 +155,8 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(reference_run):
     assert code == 0, stderr[-3000:]
     assert "meta_train: resuming from step" in stderr
     resumed = json.loads((workdir / "summary.json").read_text())
+    # The persistent cache (written by the reference run): the resumed run compiles nothing.
+    assert resumed["compilations"]["compiled"] == 0 and resumed["compilations"]["cache_hits"] > 0, resumed["compilations"]
     expected = json.loads((reference / "summary.json").read_text())
     for key in ("test_accuracy", "test_top5", "val_accuracy", "selected_fraction", "steps"):
         assert resumed[key] == expected[key], key
@@ -145,7 +171,7 @@ def test_kill_minus_nine_then_resume_matches_uninterrupted(reference_run):
 
 
 def test_workdir_of_another_config_is_refused(reference_run):
-    base, workdir, cache, _ = reference_run
+    base, workdir, cache, _, _ = reference_run
     code, _, stderr = run_demo(workdir, cache, "--config.meta.inner_lr=0.5")
     assert code == 2
     assert "another config" in stderr and "meta.inner_lr" in stderr
@@ -172,8 +198,9 @@ def test_bad_config_is_one_line_error_before_any_work(tmp_path, override, messag
 def test_missing_dataset_names_the_file_and_suggests_demo(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("XLA_FLAGS", None)
+    # No data at all (not even an auxiliary folder set): the target archive and --demo come first.
     command = [sys.executable, "-m", "experiments.cub_200", f"--workdir={tmp_path / 'run'}", "--config.init_checkpoint=random",
-               f"--config.data_dir={tmp_path / 'tfds'}", f"--config.auxiliary.folder={tmp_path / 'aux'}"]
+               f"--config.data_dir={tmp_path / 'tfds'}"]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     last_line = result.stderr.strip().splitlines()[-1]

@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import jax_utils
 
 from experiments import runner
 from experiments.context import AXIS, Context
@@ -35,7 +34,7 @@ def score_auxiliary(ctx: Context, params, batch_stats) -> tuple[list[str], np.nd
     per_device = ctx.config.eval_batch // ctx.num_devices
     layout = data_lib.default_layout(per_device)
     score_fn = runner.cached_pmap(selection_lib.pmap_score_step, ctx.model, AXIS)
-    params_r, stats_r = jax_utils.replicate(params), jax_utils.replicate(batch_stats)
+    params_r, stats_r = runner.replicate(params), runner.replicate(batch_stats)
     total = data_lib.num_eval_batches(len(ctx.auxiliary), layout)
     if total == 0:
         return [], np.zeros(0, np.float32)
@@ -54,6 +53,13 @@ def score_auxiliary(ctx: Context, params, batch_stats) -> tuple[list[str], np.nd
     if not mask_all[:count].all() or mask_all[count:].any():
         raise RuntimeError("auxiliary scoring: the gathered batches do not cover the source once, in order")
     return auxiliary_ids(ctx), scores_all[:count]
+
+
+def demo_groups(ids: list[str]) -> list[str] | None:
+    """``related``/``unrelated`` per id when every auxiliary class folder is named so (the
+    demo's generated data, whose groups are known); else None."""
+    groups = [str(i).split("/")[0].split("_")[0] for i in ids]
+    return groups if ids and set(groups) <= {"related", "unrelated"} else None
 
 
 def auxiliary_ids(ctx: Context) -> list[str]:
@@ -77,11 +83,14 @@ def run(ctx: Context, variables: dict, source_step: int) -> tuple[Any, dict]:
         info = {"criterion": config.selection.criterion, "value": config.selection.value,
                 "source_stage": "meta_train", "source_step": int(source_step), "wall_seconds": time.time() - started}
         if ctx.is_chief:  # scores gathered from every process: each holds the same selection
-            selection_lib.write_selection(ctx.workdir, tag, scored_ids, scores, selected, info)
+            selection_lib.write_selection(ctx.workdir, tag, scored_ids, scores, selected, info,
+                                          groups=demo_groups(scored_ids))
         distributed.barrier("selection: written")
-        existing = {"selected": selected, "info": dict(info, tag=tag, num_scored=len(scored_ids),
-                                                      num_selected=len(selected),
-                                                      selected_fraction=len(selected) / max(len(scored_ids), 1))}
+        existing = selection_lib.load_selection(ctx.workdir, tag) if ctx.is_chief else None
+        if existing is None:
+            existing = {"selected": selected, "info": dict(info, tag=tag, num_scored=len(scored_ids),
+                                                          num_selected=len(selected),
+                                                          selected_fraction=len(selected) / max(len(scored_ids), 1))}
     if not existing["selected"]:
         raise UsageError(f"selection kept no auxiliary image ({config.selection.criterion}={config.selection.value}); "
                          "loosen config.selection")

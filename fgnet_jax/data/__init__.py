@@ -28,6 +28,7 @@ from fgnet_jax.data.loaders import (  # noqa: E402
     load_target,
     load_tfds_split,
     prepare_tfds,
+    require_target_files,
 )
 from fgnet_jax.data.pipeline import (  # noqa: E402
     AUGMENTATIONS,
@@ -77,6 +78,7 @@ __all__ = [
     "meta_train_stream",
     "num_eval_batches",
     "prepare_tfds",
+    "require_target_files",
     "preprocess_eval",
     "preprocess_train",
     "split_validation",

@@ -134,6 +134,28 @@ def _not_found_message(spec: TfdsSpec, data_dir: Path, manual_dir: Path) -> str:
     )
 
 
+def require_target_files(name: str, *, data_dir=None, manual_dir=None) -> None:
+    """Raise :class:`DatasetNotFoundError` (which file goes where) if ``name`` is a known TFDS
+    dataset that is neither prepared in ``data_dir`` nor has its files in the manual dir.
+
+    The experiment calls this before anything else, so that a user without data hears first
+    about the target dataset (and the demo), not about another setting."""
+    if name not in SPECS:
+        return
+    spec = SPECS[name]
+    data_dir = default_data_dir(data_dir)
+    if find_prepared(data_dir, name) is not None:
+        return
+    manual = _manual_dir(data_dir, manual_dir)
+    if name == "cub_200_2011":
+        try:
+            cub.locate_cub(manual)
+        except DatasetNotFoundError:
+            raise DatasetNotFoundError(_not_found_message(spec, data_dir, manual)) from None
+    elif spec.manual_files and not all((manual / f).exists() for f in spec.manual_files):
+        raise DatasetNotFoundError(_not_found_message(spec, data_dir, manual))
+
+
 def prepare_tfds(
     name: str,
     *,
@@ -165,11 +187,27 @@ def prepare_tfds(
             raise DatasetNotFoundError(_not_found_message(spec, data_dir, manual))
         builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
     log.info("preparing %s in %s from %s", name, data_dir, manual)
+    _announce_reading(builder, name, manual)
     builder.download_and_prepare(
         download_dir=os.fspath(data_dir / "downloads"),
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual), try_download_gcs=False),
     )
     return Path(builder.data_dir)
+
+
+def _announce_reading(builder, name: str, manual: Path) -> None:
+    """TFDS announces "Downloading and preparing dataset ..." even when it only reads files
+    the user already has (nothing is downloaded here): say what happens instead, and keep
+    its progress bars off output that is not a terminal (they print carriage returns)."""
+    import sys
+
+    import tensorflow_datasets as tfds
+
+    builder._log_download_bytes = lambda: print(
+        f"preparing {name} (once) from the files in {manual}: reading, not downloading", flush=True)
+    builder._log_download_done = lambda: print(f"{name} prepared in {builder.data_dir}", flush=True)
+    if not sys.stderr.isatty():
+        tfds.disable_progress_bar()
 
 
 def random_access_dir(dataset_dir: Path, cache_dir: Path, allow_conversion: bool = True) -> Path:

@@ -12,8 +12,14 @@ whose box is the bounding box) and Gaussian pixel noise::
     h_s = frac(0.618034 s),  a_s = frac(0.381966 s + 0.5 [s odd]) * pi,  f_s = 2 + (s mod 4)
 
 Auxiliary folders take their styles from ``first_style``: with ``first_style=0`` auxiliary class
-``k`` looks like target class ``k`` (related data, which sample selection should keep); with a
-large offset they look unlike every target class (unrelated data).
+``k`` looks like target class ``k`` (related data, which sample selection should keep).
+
+``family="checks"`` draws a different kind of image (unrelated data): a desaturated colour
+(saturation 0.2 instead of 0.75), a checkerboard of ``f_s`` squares per image instead of oriented
+stripes, and a rectangle instead of the ellipse. Such classes share none of the features that
+tell the (striped, saturated) target classes apart: no orientation, hardly any hue, another
+object shape. A style offset alone (e.g. ``first_style=1000``) is not enough for that: its hues,
+angles and frequencies interleave with the target classes' and look like more target classes.
 """
 
 from __future__ import annotations
@@ -41,20 +47,31 @@ def class_style(style: int) -> tuple[tuple[float, float, float], float, float]:
     return colorsys.hsv_to_rgb(hue, 0.75, 0.95), angle, cycles
 
 
+FAMILIES = ("stripes", "checks")
+
+
 def render_image(
-    rng: np.random.Generator, style: int, height: int, width: int
+    rng: np.random.Generator, style: int, height: int, width: int, family: str = "stripes"
 ) -> tuple[np.ndarray, tuple[float, float, float, float]]:
-    """Draws one image of the given style.
+    """Draws one image of the given style (and family: ``stripes``, or ``checks`` for unrelated data).
 
     Returns the uint8 [height, width, 3] image and the object box (x, y, box_width, box_height)
     in pixels, the convention of CUB's bounding_boxes.txt.
     """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     colour, angle, cycles = class_style(style)
+    if family == "checks":
+        colour = colorsys.hsv_to_rgb((style * 0.618034) % 1.0, 0.2, 0.9)
     colour = np.asarray(colour)
     y, x = np.mgrid[0:height, 0:width].astype(np.float64)
     scale = float(max(height, width))
     phase = rng.uniform(0.0, 2 * np.pi)
-    wave = 0.5 + 0.5 * np.sin(2 * np.pi * cycles * (x * np.cos(angle) + y * np.sin(angle)) / scale + phase)
+    if family == "checks":
+        u, v = cycles * x / scale + phase / (2 * np.pi), cycles * y / scale
+        wave = ((np.floor(u) + np.floor(v)) % 2).astype(np.float64)
+    else:
+        wave = 0.5 + 0.5 * np.sin(2 * np.pi * cycles * (x * np.cos(angle) + y * np.sin(angle)) / scale + phase)
     dark = 0.25 * colour[::-1]
     image = dark + wave[..., None] * (colour - dark)
     # The "bird": an ellipse in a lighter tint of the class colour.
@@ -62,7 +79,10 @@ def render_image(
     box_h = rng.uniform(0.3, 0.6) * height
     x0 = rng.uniform(0.0, width - box_w)
     y0 = rng.uniform(0.0, height - box_h)
-    inside = ((x - x0 - box_w / 2) / (box_w / 2)) ** 2 + ((y - y0 - box_h / 2) / (box_h / 2)) ** 2 <= 1.0
+    if family == "checks":
+        inside = (x >= x0) & (x < x0 + box_w) & (y >= y0) & (y < y0 + box_h)
+    else:
+        inside = ((x - x0 - box_w / 2) / (box_w / 2)) ** 2 + ((y - y0 - box_h / 2) / (box_h / 2)) ** 2 <= 1.0
     image[inside] = 0.5 + 0.5 * colour
     image = image * 255.0 + rng.normal(0.0, 12.0, size=image.shape)
     pixels = np.clip(np.round(image), 0, 255).astype(np.uint8)
@@ -197,6 +217,7 @@ def write_synthetic_image_folder(
     *,
     seed: int = 1,
     first_style: int = 0,
+    family: str = "stripes",
     class_names: Sequence[str] | None = None,
     empty_classes: Iterable[int] = (),
     corrupt_images: Iterable[str] = (),
@@ -206,6 +227,8 @@ def write_synthetic_image_folder(
     Args:
       root: the folder to create (it becomes the dataset root).
       num_classes: number of class folders; class ``c`` is drawn in style ``first_style + c``.
+      family: ``"stripes"`` (the target data's kind) or ``"checks"`` (unrelated to it; see the
+        module docstring).
       images_per_class: one count for all classes or one count per class.
       class_names: folder names; default ``class_0000``, ``class_0001``, ... (sorted order is the
         class index order, as the reader assigns indices by sorted folder name).
@@ -233,7 +256,7 @@ def write_synthetic_image_folder(
             continue
         for k in range(counts[c]):
             height, width = _random_size(rng, image_size)
-            pixels, _ = render_image(rng, first_style + c, height, width)
+            pixels, _ = render_image(rng, first_style + c, height, width, family)
             file_name = f"{name}_{k:05d}.jpg"
             (folder / file_name).write_bytes(_encode_jpeg(pixels, f"{name}/{file_name}" in corrupt))
     return root

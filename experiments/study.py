@@ -1,0 +1,368 @@
+r"""What MetaFGNet buys: the paper's comparisons on the same data, start weights and fine-tuning.
+
+    python -m experiments.study --workdir DIR                      # the embedded demo data, 3 seeds
+    python -m experiments.study --workdir DIR --seeds 0,1,2,3,4 --variants first_order,exact
+    python -m experiments.study --workdir DIR --config experiments/configs/cub_200.py \
+        --config.init_checkpoint=ckpt/imagenet34 --config.auxiliary.folder=/data/lbird   # real data
+
+Variants (each then fine-tuned on the target data alone, stage 5, with the same settings):
+
+    finetune_only   stage 1 (supervised on the auxiliary data), no meta-training
+    joint           stage 2 with eta = 0: target loss + auxiliary loss at the same parameters
+    first_order     MetaFGNet, first-order meta-gradient (stage 2)
+    exact           MetaFGNet, exact meta-gradient (stage 2, hvp_jvp)
+    exact_selection exact, then sample selection (stage 3) and meta-training on the selection (stage 4)
+
+Every variant starts from the same stage-1 output of its seed (stage 1 runs once per seed, in
+the ``finetune_only`` run, and its folder is copied into the others: the stage is
+deterministic, so this is the state they would each compute). The seed changes the initial
+weights, the data order, the augmentation and the validation split, never the data.
+
+Each (variant, seed) is a workdir of its own, ``DIR/<variant>/seed<k>``, run by the experiment's
+own pipeline (``experiments.pipeline.run``): an interrupted study resumes where it stopped and a
+finished run is never repeated (its ``summary.json`` is read back). At the end the study prints
+and writes ``DIR/study.md`` (the table), ``DIR/study.json`` (every number) and ``DIR/study.png``.
+``--fast`` shortens every stage to a few steps (the tests run it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_CONFIG_GIVEN = any(a == "--config" or a.startswith("--config=") for a in sys.argv)
+if __name__ == "__main__" and not _CONFIG_GIVEN:
+    # The demo config by default; named before any --config.KEY override, and before
+    # experiments.cub_200 defines the --config flag (config_flags reads sys.argv then).
+    sys.argv[1:1] = [f"--config={os.path.join(os.path.dirname(__file__), 'configs', 'demo.py')}"]
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from experiments import cub_200  # noqa: E402  (its flags: --config, --compilation_cache, --cpu_convolutions, ...)
+
+VARIANTS = ("finetune_only", "joint", "first_order", "exact", "exact_selection")
+DESCRIPTIONS = {
+    "finetune_only": "(a) fine-tune only (stage 1 weights)",
+    "joint": "(b) joint training, eta = 0",
+    "first_order": "(c) MetaFGNet, first-order",
+    "exact": "(d) MetaFGNet, exact",
+    "exact_selection": "(e) (d) + selection + meta-training on it",
+}
+
+_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed of each run).")
+_VARIANTS = flags.DEFINE_string("variants", ",".join(VARIANTS), f"Comma-separated subset of {', '.join(VARIANTS)}.")
+_FAST = flags.DEFINE_bool("fast", False, "A few steps per stage (a smoke test of the whole study).")
+
+
+def variant_config(base, variant: str):
+    """``base`` with the stages and meta settings of ``variant``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
+    config = base.copy_and_resolve_references()
+    if variant == "finetune_only":
+        config.meta_train.steps = 0
+    if variant in ("finetune_only", "joint", "first_order", "exact"):
+        config.meta_train_selected.steps = 0
+    if variant == "joint":
+        config.meta.method = "first_order"  # with eta = 0 the meta loss is the target loss at theta
+        config.meta.inner_lr = 0.0
+    elif variant == "first_order":
+        config.meta.method = "first_order"
+    elif variant in ("exact", "exact_selection") and config.meta.method == "first_order":
+        config.meta.method = "hvp_jvp"
+    return config
+
+
+def fast_config(config):
+    """Every stage a few steps (the study's smoke test)."""
+    config.auxiliary_pretrain.epochs = 1
+    config.auxiliary_pretrain.output_epoch = 1
+    config.auxiliary_pretrain.milestone_epochs = ()
+    for name in ("meta_train", "meta_train_selected"):
+        config[name].steps = 4
+        config[name].milestones = (2,)
+        config[name].eval_every = 2
+    config.finetune.epochs = 2
+    config.finetune.milestone_epochs = ()
+    config.finetune.eval_every_epochs = 1
+    config.log_every = 2
+    config.checkpoint_every = 100
+    return config
+
+
+def run_dir(root: str, variant: str, seed: int) -> str:
+    return os.path.join(root, variant, f"seed{seed}")
+
+
+def _share_stage_one(root: str, variant: str, seed: int, config) -> None:
+    """Copy the seed's finished stage 1 (from its ``finetune_only`` run) into ``variant``'s run."""
+    if variant == "finetune_only" or config.auxiliary_pretrain.epochs == 0:
+        return
+    source = os.path.join(run_dir(root, "finetune_only", seed), "auxiliary_pretrain")
+    target = os.path.join(run_dir(root, variant, seed), "auxiliary_pretrain")
+    if os.path.exists(os.path.join(source, "result.json")) and not os.path.exists(target):
+        shutil.copytree(source, target)
+        source_metrics = os.path.join(run_dir(root, "finetune_only", seed), "metrics.jsonl")
+        if os.path.exists(source_metrics):  # stage 1's curve, for the run's curves.png
+            with open(source_metrics) as handle:
+                lines = [line for line in handle if '"stage": "auxiliary_pretrain"' in line]
+            with open(os.path.join(run_dir(root, variant, seed), "metrics.jsonl"), "a") as handle:
+                handle.writelines(lines)
+
+
+def selection_groups(workdir: str) -> dict[str, dict[str, int]] | None:
+    """Kept / total auxiliary images per name prefix (``related``, ``unrelated``: the demo's
+    groups), from the run's selection folder; None without a selection or groups."""
+    root = os.path.join(workdir, "selection")
+    if not os.path.isdir(root):
+        return None
+    for tag in sorted(os.listdir(root)):
+        scores = os.path.join(root, tag, "scores.csv")
+        selected = os.path.join(root, tag, "selected_ids.txt")
+        if not (os.path.exists(scores) and os.path.exists(selected)):
+            continue
+        with open(scores) as handle:
+            ids = [line.split(",")[0] for line in handle.read().splitlines()[1:]]
+        with open(selected) as handle:
+            kept = set(handle.read().split())
+        groups: dict[str, dict[str, int]] = {}
+        for image_id in ids:
+            group = image_id.split("_")[0]
+            entry = groups.setdefault(group, {"kept": 0, "total": 0})
+            entry["total"] += 1
+            entry["kept"] += image_id in kept
+        return groups if set(groups) <= {"related", "unrelated"} else None
+    return None
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+# Student's t quantiles (two-sided 95%) for 1..10 degrees of freedom.
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float] | None:
+    """Mean of a - b over paired seeds and its 95% t-interval; None with fewer than 2 pairs."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    differences = [x - y for x, y in zip(a, b)]
+    mean, std = mean_std(differences)
+    half = _T95.get(len(a) - 1, 1.96) * std / math.sqrt(len(a))
+    return mean, mean - half, mean + half
+
+
+def summarise(records: list[dict]) -> dict:
+    """Per-variant statistics of the finished runs."""
+    rows = {}
+    for variant in VARIANTS:
+        runs = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
+        if not runs:
+            continue
+        row = {"description": DESCRIPTIONS[variant], "seeds": [r["seed"] for r in runs]}
+        for key in ("test_top1", "test_top5", "wall_seconds", "steps_per_second"):
+            values = [r[key] for r in runs]
+            row[key] = {"mean": mean_std(values)[0], "std": mean_std(values)[1], "values": values}
+        kept = [r["selection"] for r in runs if r.get("selection")]
+        if kept:
+            row["kept_fraction"] = {group: mean_std([k[group]["kept"] / k[group]["total"] for k in kept])[0]
+                                    for group in kept[0]}
+        rows[variant] = row
+    comparisons = {}
+    for a, b in (("exact", "first_order"), ("exact", "joint"), ("first_order", "joint"),
+                 ("exact", "finetune_only"), ("exact_selection", "exact")):
+        if a in rows and b in rows:
+            seeds = sorted(set(rows[a]["seeds"]) & set(rows[b]["seeds"]))
+            pick = lambda v: [rows[v]["test_top1"]["values"][rows[v]["seeds"].index(s)] for s in seeds]  # noqa: E731
+            interval = paired_interval(pick(a), pick(b))
+            if interval is not None:
+                comparisons[f"{a} - {b}"] = {"mean": interval[0], "low": interval[1], "high": interval[2],
+                                             "seeds": seeds}
+    return {"variants": rows, "comparisons": comparisons}
+
+
+def format_table(study: dict) -> str:
+    lines = ["| variant | seeds | test top-1 | test top-5 | wall time per run | steps/s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for variant, row in study["variants"].items():
+        t1, t5, wall, speed = row["test_top1"], row["test_top5"], row["wall_seconds"], row["steps_per_second"]
+        lines.append(f"| {row['description']} | {len(row['seeds'])} | {100 * t1['mean']:.1f} +- {100 * t1['std']:.1f}% "
+                     f"| {100 * t5['mean']:.1f} +- {100 * t5['std']:.1f}% | {wall['mean']:.0f} +- {wall['std']:.0f} s "
+                     f"| {speed['mean']:.2f} |")
+    lines.append("")
+    lines.append("Per seed, test top-1: " + "; ".join(
+        f"{variant} " + " / ".join(f"{100 * v:.1f}" for v in row["test_top1"]["values"])
+        for variant, row in study["variants"].items()))
+    for name, c in study["comparisons"].items():
+        lines.append(f"Paired difference {name}: {100 * c['mean']:+.1f} points, 95% CI "
+                     f"[{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] over seeds {c['seeds']}")
+    for variant, row in study["variants"].items():
+        if "kept_fraction" in row:
+            lines.append(f"Selection ({variant}): kept " + ", ".join(
+                f"{100 * f:.1f}% of the {group} auxiliary images" for group, f in row["kept_fraction"].items()))
+    return "\n".join(lines)
+
+
+def plot(study: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = list(study["variants"])
+    figure, axis = plt.subplots(figsize=(1.6 * len(variants) + 2, 4))
+    for i, variant in enumerate(variants):
+        row = study["variants"][variant]
+        values = [100 * v for v in row["test_top1"]["values"]]
+        axis.bar(i, 100 * row["test_top1"]["mean"], yerr=100 * row["test_top1"]["std"], color="#9ecae1",
+                 edgecolor="#3182bd", capsize=4)
+        axis.scatter([i + 0.12 * (k - (len(values) - 1) / 2) for k in range(len(values))], values, color="black",
+                     s=12, zorder=3, label="one seed" if i == 0 else None)
+    axis.set_xticks(range(len(variants)))
+    axis.set_xticklabels([study["variants"][v]["description"].replace(", ", ",\n").replace(" + ", "\n+ ")
+                          for v in variants], fontsize=7)
+    axis.set_ylabel("test top-1 (%)")
+    lows = [min(study["variants"][v]["test_top1"]["values"]) for v in variants]
+    axis.set_ylim(max(0.0, 100 * min(lows) - 10), 100)
+    axis.set_title("mean +- std over seeds, dots: seeds")
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    temporary = f"{path}.tmp-{os.getpid()}.png"
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def _record(variant: str, seed: int, workdir: str, summary: dict) -> dict:
+    steps = sum(summary["steps"].values())
+    wall = sum(summary["wall_seconds"].values())
+    return {"variant": variant, "seed": seed, "workdir": workdir, "test_top1": summary["test_accuracy"],
+            "test_top5": summary["test_top5"], "wall_seconds": wall,
+            "steps_per_second": steps / wall if wall > 0 else math.nan, "steps": summary["steps"],
+            "selection": selection_groups(workdir)}
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, demo: bool,
+              log=print) -> dict:
+    """Run (or resume) every (variant, seed) and write the table, data and plot under ``root``."""
+    from experiments import pipeline
+    from experiments.compilation import CompileCounter
+    from experiments.workdir import read_json, write_json_atomic
+
+    os.makedirs(root, exist_ok=True)
+    if demo:
+        cub_200.use_demo_data(base_config, root)  # one data set for every run
+        cub_200.write_demo_data(base_config)
+    # Stage 1 is shared, so a seed's finetune_only run goes first.
+    order = [(v, s) for s in seeds for v in (["finetune_only"] if "finetune_only" in variants else []) + [
+        v for v in variants if v != "finetune_only"]]
+    if "finetune_only" not in variants:
+        order = [(v, s) for s in seeds for v in variants]
+    records, run_times = [], []
+    compilations = CompileCounter()
+    started = time.time()
+    for index, (variant, seed) in enumerate(order, 1):
+        workdir = run_dir(root, variant, seed)
+        config = variant_config(base_config, variant)
+        config.seed = seed
+        summary = read_json(os.path.join(workdir, "summary.json"))
+        if summary is None:
+            remaining = len(order) - index + 1
+            eta = f", study left ~{_clock(remaining * sum(run_times) / len(run_times))}" if run_times else ""
+            log(f"study: run {index}/{len(order)}: {variant} seed {seed} -> {workdir} "
+                f"(elapsed {_clock(time.time() - started)}{eta})")
+            if "finetune_only" in variants:
+                _share_stage_one(root, variant, seed, config)
+            run_started = time.time()
+            summary = pipeline.run(config, workdir)
+            run_times.append(time.time() - run_started)
+            log(f"study: run {index}/{len(order)} done in {_clock(run_times[-1])}: test top-1 "
+                f"{100 * summary['test_accuracy']:.1f}%")
+        else:
+            log(f"study: run {index}/{len(order)}: {variant} seed {seed} finished before, read from {workdir}")
+        records.append(_record(variant, seed, workdir, summary))
+    study = summarise(records)
+    study["runs"] = records
+    study["wall_seconds"] = time.time() - started
+    study["compilations"] = compilations.summary()
+    table = format_table(study)
+    write_json_atomic(os.path.join(root, "study.json"), study)
+    with open(os.path.join(root, "study.md.tmp"), "w") as handle:
+        handle.write(f"# MetaFGNet study: {len(seeds)} seed(s), {base_config.dataset}\n\n{table}\n")
+    os.replace(os.path.join(root, "study.md.tmp"), os.path.join(root, "study.md"))
+    plot(study, os.path.join(root, "study.png"))
+    log(table)
+    log(f"study: {len(order)} runs, {_clock(study['wall_seconds'])} in this process; {compilations.line()}")
+    log(f"study: {os.path.join(root, 'study.md')}  {os.path.join(root, 'study.png')}")
+    return study
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        cub_200._fail(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)
+    if not cub_200._WORKDIR.value:
+        cub_200._fail("--workdir is required (the study's runs, table and plot go there)")
+    from fgnet_jax.cpu_devices import use_cpu_convolutions
+
+    use_cpu_convolutions(cub_200._CPU_CONVOLUTIONS.value)
+    from experiments import compilation
+
+    compilation.configure(cub_200._COMPILATION_CACHE.value)
+    try:
+        seeds = [int(s) for s in _SEEDS.value.split(",") if s.strip()]
+    except ValueError:
+        cub_200._fail(f"--seeds={_SEEDS.value!r}: comma-separated integers")
+    variants = [v.strip() for v in _VARIANTS.value.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants or not seeds:
+        cub_200._fail(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}" if unknown
+                      else "--seeds and --variants must not be empty")
+    demo = not _CONFIG_GIVEN
+    config = cub_200._CONFIG.value
+    if _FAST.value:
+        fast_config(config)
+
+    import jax
+
+    from experiments import pipeline
+    from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError
+
+    try:
+        if not demo:
+            from fgnet_jax.data import require_target_files
+
+            require_target_files(config.dataset, data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
+        for variant in variants:
+            pipeline.validate_config(variant_config(config, variant), jax.device_count())
+        run_study(config, os.path.abspath(cub_200._WORKDIR.value), seeds, variants, demo=demo)
+    except DatasetNotFoundError as error:
+        cub_200._fail(f"{error} (or run the study on the embedded demo data: leave out --config)")
+    except (pipeline.UsageError, CorruptImageError, DatasetFormatError) as error:
+        cub_200._fail(str(error))
+    except pipeline.NonFiniteLossError as error:
+        cub_200._fail(str(error), code=3)
+    except pipeline.Interrupted as error:
+        cub_200._fail(f"{error} (the study resumes with the same command)", code=130)
+
+
+if __name__ == "__main__":
+    cub_200._check_override_keys(sys.argv)
+    app.run(main)
