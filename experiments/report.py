@@ -70,12 +70,13 @@ def format_summary(summary: dict) -> str:
     """The results table printed at the end of a run (the README's table format)."""
     lines = [
         f"MetaFGNet on {summary['dataset']} - {summary['model']} - method {summary['method']} - {summary['hardware']}",
-        f"{'stage':<22}{'steps':>8}{'wall time':>12}{'best val top-1':>16}",
+        f"{'stage':<22}{'steps':>8}{'wall time':>12}{'best val top-1':>16}{'programs compiled':>19}",
     ]
     for name, stage in summary["stages"].items():
         val = stage.get("val_accuracy")
+        compiled = stage.get("compiled")
         lines.append(f"{name:<22}{stage['steps']:>8}{_duration(stage['wall_seconds']):>12}"
-                     f"{'' if val is None else f'{100 * val:.2f}%':>16}")
+                     f"{'' if val is None else f'{100 * val:.2f}%':>16}{'' if compiled is None else compiled:>19}")
     selected = summary["selected_fraction"]
     lines.append(f"selected auxiliary fraction: {'-' if selected is None else f'{100 * selected:.1f}%'} "
                  f"of {summary['num_auxiliary']}")

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import jax_utils
 
+from experiments.compilation import CompileCounter
 from experiments.context import AXIS, Context, Interrupted, NonFiniteLossError
 from experiments.workdir import read_json, write_json_atomic
 from fgnet_jax import data as data_lib
@@ -203,6 +204,7 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         return (spec.eval_every > 0 and step % spec.eval_every == 0) or step == spec.steps
 
     started = time.time()
+    compilations = CompileCounter()
     stream = spec.stream(start, spec.steps - start)
     with progress(spec.name, spec.steps, start, ctx.is_chief) as bar:
         for step in range(start + 1, spec.steps + 1):
@@ -245,6 +247,11 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         "best_step": checkpointer.best_step(),
         "val_accuracy": None if best is None else best["val_accuracy"],
         "output_step": spec.output_step if spec.output_step is not None else (checkpointer.best_step() or spec.steps),
+        # Programs this stage compiled (0 when an earlier stage compiled the same step, or when
+        # they came from the persistent cache) and the seconds in the compiler or cache.
+        "compiled": compilations.compiled,
+        "compile_cache_hits": compilations.cache_hits,
+        "compile_seconds": round(compilations.seconds, 2),
     }
     if ctx.is_chief:
         write_json_atomic(result_path, result)

@@ -345,6 +345,9 @@ def main(argv) -> None:
     from experiments import pipeline
     from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError
 
+    root = os.path.abspath(cub_200._WORKDIR.value)
+    if demo:
+        cub_200.use_demo_data(config, root)
     try:
         if not demo:
             from fgnet_jax.data import require_target_files
@@ -352,7 +355,7 @@ def main(argv) -> None:
             require_target_files(config.dataset, data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
         for variant in variants:
             pipeline.validate_config(variant_config(config, variant), jax.device_count())
-        run_study(config, os.path.abspath(cub_200._WORKDIR.value), seeds, variants, demo=demo)
+        run_study(config, root, seeds, variants, demo=demo)
     except DatasetNotFoundError as error:
         cub_200._fail(f"{error} (or run the study on the embedded demo data: leave out --config)")
     except (pipeline.UsageError, CorruptImageError, DatasetFormatError) as error:

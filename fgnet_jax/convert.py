@@ -354,7 +354,8 @@ def load_torch_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False
                 "if you trust the file, pass --trust-pickle (trust_pickle=True)"
             ) from None
         if "WeightsUnpickler error" in text:  # not a pickle stream: a broken file, not an unsafe one
-            reason = text.split("WeightsUnpickler error:", 1)[1].strip() or "unreadable pickle data"
+            reason = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
+            reason = reason.rstrip(".") or "unreadable pickle data"
             raise ValueError(f"cannot read {path}: the file is corrupt or not a PyTorch checkpoint ({reason}); "
                              "copy or download it again") from None
         if "PytorchStreamReader failed" in text:

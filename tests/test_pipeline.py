@@ -150,9 +150,11 @@ def test_stage_two_starts_from_stage_one_output_epoch(uninterrupted):
         for a, b in zip(jax.tree_util.tree_leaves(start.params[part]),
                         jax.tree_util.tree_leaves(handed_on.params[part])):
             np.testing.assert_array_equal(a, b)
-    final = StageCheckpointer(str(workdir / "auxiliary_pretrain")).restore_latest(handed_on)[0]
-    assert int(final.step) == 6 and int(handed_on.step) == 3
-    assert not np.array_equal(final.params["auxiliary_head"]["kernel"], handed_on.params["auxiliary_head"]["kernel"])
+    assert int(handed_on.step) == 3 and result["steps"] == 6  # the pinned state, not the final one
+    # The complete stage keeps only its output: the pinned weights, without optimiser state.
+    assert not (workdir / "auxiliary_pretrain" / "latest").exists()
+    pinned = StageCheckpointer(str(workdir / "auxiliary_pretrain"))._pinned_manager().item_metadata(3)["state"]
+    assert set(pinned.keys()) == {"step", "params", "batch_stats"}
     # Stage 1 trained the auxiliary head and never touched the target head.
     np.testing.assert_array_equal(handed_on.params["target_head"]["kernel"],
                                   spies.starts["auxiliary_pretrain"].params["target_head"]["kernel"])
