@@ -259,8 +259,12 @@ def _clock(seconds: float) -> str:
     return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
+def _print(line: str) -> None:
+    print(line, flush=True)  # at once, also into a log file
+
+
 def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, demo: bool,
-              log=print) -> dict:
+              log=_print) -> dict:
     """Run (or resume) every (variant, seed) and write the table, data and plot under ``root``."""
     from experiments import pipeline
     from experiments.compilation import CompileCounter
