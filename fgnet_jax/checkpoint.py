@@ -65,7 +65,10 @@ def _manager(directory: str, max_to_keep: int | None, best: bool) -> ocp.Checkpo
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=("state", "meta"))
+    # Handlers named up front (not just item names): a manager opened on an existing directory
+    # can then read an item's metadata (which top-level entries a checkpoint holds) from disk.
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
 class StageCheckpointer:
@@ -153,7 +156,10 @@ class StageCheckpointer:
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {manager.directory}")
         saved = manager.item_metadata(step)["state"]
-        partial = (hasattr(saved, "keys") and set(saved.keys()) == set(_WEIGHT_KEYS)
+        # Top-level names of the saved tree (read back from disk, the metadata is a flat dict
+        # keyed by paths; fresh from a save, a nested dict).
+        saved_keys = {key[0] if isinstance(key, tuple) else key for key in saved.keys()} if hasattr(saved, "keys") else set()
+        partial = (saved_keys == set(_WEIGHT_KEYS)
                    and all(hasattr(template, key) for key in _WEIGHT_KEYS) and hasattr(template, "replace"))
         target = weights_only(template) if partial else template
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _host(target))

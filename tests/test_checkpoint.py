@@ -89,3 +89,26 @@ def test_pinned_checkpoints_survive_rotation(tmp_path):
     assert reopened.pinned_steps() == [2]
     pinned, _ = reopened.restore_pinned(2, small_state(0))
     assert_trees_identical(pinned, small_state(2))
+
+
+def test_weights_only_output_restores_into_a_train_state_from_a_new_process_view(tmp_path):
+    """Best/pinned outputs hold step, params and statistics only; a checkpointer opened afresh
+    on the directory (as a resumed or later run does) restores them into a TrainState template,
+    keeping the template's optimiser state."""
+    from fgnet_jax.checkpoint import weights_only
+
+    state = small_state(7)
+    checkpointer = StageCheckpointer(str(tmp_path / "stage"), keep=1)
+    checkpointer.save_pinned(7, weights_only(state))
+    checkpointer.save_if_best(7, weights_only(state), 0.5)
+    checkpointer.close()
+    template = small_state(0)
+    reopened = StageCheckpointer(str(tmp_path / "stage"), keep=1)
+    for restored in (reopened.restore_pinned(7, template)[0], reopened.restore_best(template)[0]):
+        assert int(restored.step) == int(state.step)
+        for a, b in zip(jax.tree_util.tree_leaves(restored.params), jax.tree_util.tree_leaves(state.params)):
+            np.testing.assert_array_equal(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(restored.opt_state), jax.tree_util.tree_leaves(template.opt_state)):
+            np.testing.assert_array_equal(a, b)
+    reopened.discard_latest()
+    assert not (tmp_path / "stage" / "latest").exists() or not any((tmp_path / "stage" / "latest").iterdir())
