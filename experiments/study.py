@@ -59,6 +59,7 @@ DESCRIPTIONS = {
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds (config.seed of each run).")
 _VARIANTS = flags.DEFINE_string("variants", ",".join(VARIANTS), f"Comma-separated subset of {', '.join(VARIANTS)}.")
 _FAST = flags.DEFINE_bool("fast", False, "A few steps per stage (a smoke test of the whole study).")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Run nothing: the table of the runs finished so far.")
 
 
 def variant_config(base, variant: str):
@@ -264,8 +265,9 @@ def _print(line: str) -> None:
 
 
 def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, demo: bool,
-              log=_print) -> dict:
-    """Run (or resume) every (variant, seed) and write the table, data and plot under ``root``."""
+              log=_print, report_only: bool = False) -> dict:
+    """Run (or resume) every (variant, seed) and write the table, data and plot under ``root``
+    (``report_only``: run nothing, tabulate the finished runs)."""
     from experiments import pipeline
     from experiments.compilation import CompileCounter
     from experiments.workdir import read_json, write_json_atomic
@@ -273,7 +275,8 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
     os.makedirs(root, exist_ok=True)
     if demo:
         cub_200.use_demo_data(base_config, root)  # one data set for every run
-        cub_200.write_demo_data(base_config)
+        if not report_only:
+            cub_200.write_demo_data(base_config)
     # Stage 1 is shared, so a seed's finetune_only run goes first.
     order = [(v, s) for s in seeds for v in (["finetune_only"] if "finetune_only" in variants else []) + [
         v for v in variants if v != "finetune_only"]]
@@ -287,6 +290,9 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
         config = variant_config(base_config, variant)
         config.seed = seed
         summary = read_json(os.path.join(workdir, "summary.json"))
+        if summary is None and report_only:
+            log(f"study: run {index}/{len(order)}: {variant} seed {seed} not finished, left out")
+            continue
         if summary is None:
             remaining = len(order) - index + 1
             eta = f", study left ~{_clock(remaining * sum(run_times) / len(run_times))}" if run_times else ""
@@ -311,7 +317,8 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
     with open(os.path.join(root, "study.md.tmp"), "w") as handle:
         handle.write(f"# MetaFGNet study: {len(seeds)} seed(s), {base_config.dataset}\n\n{table}\n")
     os.replace(os.path.join(root, "study.md.tmp"), os.path.join(root, "study.md"))
-    plot(study, os.path.join(root, "study.png"))
+    if study["variants"]:
+        plot(study, os.path.join(root, "study.png"))
     log(table)
     log(f"study: {len(order)} runs, {_clock(study['wall_seconds'])} in this process; {compilations.line()}")
     log(f"study: {os.path.join(root, 'study.md')}  {os.path.join(root, 'study.png')}")
@@ -359,7 +366,7 @@ def main(argv) -> None:
             require_target_files(config.dataset, data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
         for variant in variants:
             pipeline.validate_config(variant_config(config, variant), jax.device_count())
-        run_study(config, root, seeds, variants, demo=demo)
+        run_study(config, root, seeds, variants, demo=demo, report_only=_REPORT_ONLY.value)
     except DatasetNotFoundError as error:
         cub_200._fail(f"{error} (or run the study on the embedded demo data: leave out --config)")
     except (pipeline.UsageError, CorruptImageError, DatasetFormatError) as error:
