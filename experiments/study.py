@@ -246,6 +246,40 @@ def plot(study: dict, path: str) -> None:
     os.replace(temporary, path)
 
 
+_LOCK = ".study_running"
+
+
+def _claim(workdir: str) -> bool:
+    """Whether this process may run ``workdir`` (several study processes can share a study
+    directory: each run is claimed with a lock file holding the pid; a dead owner's is taken over)."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, _LOCK)
+    for _ in range(2):
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as existing:
+                    owner = int(existing.read().strip() or 0)
+                os.kill(owner, 0)
+                return owner == os.getpid()
+            except (ValueError, ProcessLookupError):
+                os.remove(path)  # the owner died: take over (the run resumes from its checkpoint)
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(handle, "w") as file:
+            file.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _release(workdir: str) -> None:
+    path = os.path.join(workdir, _LOCK)
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def _record(variant: str, seed: int, workdir: str, summary: dict) -> dict:
     steps = sum(summary["steps"].values())
     wall = sum(summary["wall_seconds"].values())
@@ -293,6 +327,10 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
         if summary is None and report_only:
             log(f"study: run {index}/{len(order)}: {variant} seed {seed} not finished, left out")
             continue
+        if summary is None and not _claim(workdir):
+            log(f"study: run {index}/{len(order)}: {variant} seed {seed} is running in another process "
+                f"(pid in {os.path.join(workdir, _LOCK)}), left to it")
+            continue
         if summary is None:
             remaining = len(order) - index + 1
             eta = f", study left ~{_clock(remaining * sum(run_times) / len(run_times))}" if run_times else ""
@@ -301,7 +339,10 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
             if "finetune_only" in variants:
                 _share_stage_one(root, variant, seed, config)
             run_started = time.time()
-            summary = pipeline.run(config, workdir)
+            try:
+                summary = pipeline.run(config, workdir)
+            finally:
+                _release(workdir)
             run_times.append(time.time() - run_started)
             log(f"study: run {index}/{len(order)} done in {_clock(run_times[-1])}: test top-1 "
                 f"{100 * summary['test_accuracy']:.1f}%")
