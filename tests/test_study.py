@@ -16,6 +16,14 @@ from test_pipeline import tiny_config
 CHANCE = 1 / 4
 
 
+def study_config(root):
+    """tests/test_pipeline.py's tiny config with a longer fine-tuning (20 steps instead of 4),
+    enough for every variant to learn these 4 classes; the compiled steps are the same."""
+    config = tiny_config(root)
+    config.finetune.epochs = 10
+    return config
+
+
 @pytest.fixture(scope="module")
 def fast_study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study_data")
@@ -24,7 +32,7 @@ def fast_study(tmp_path_factory):
         data_lib.write_synthetic_image_folder(root / "auxiliary", num_classes=2, images_per_class=6, image_size=40,
                                               seed=seed, family=family, class_names=[f"{kind}_{i}" for i in range(2)])
     lines = []
-    result = study.run_study(tiny_config(root), str(root / "study"), [0], list(study.VARIANTS), demo=False,
+    result = study.run_study(study_config(root), str(root / "study"), [0], list(study.VARIANTS), demo=False,
                              log=lines.append)
     return root / "study", result, lines
 
@@ -65,7 +73,7 @@ def test_finished_study_is_read_back_not_rerun(fast_study, monkeypatch):
 
     monkeypatch.setattr(pipeline, "run", refuse)
     lines = []
-    again = study.run_study(tiny_config(directory.parent), str(directory), [0], list(study.VARIANTS), demo=False,
+    again = study.run_study(study_config(directory.parent), str(directory), [0], list(study.VARIANTS), demo=False,
                             log=lines.append)
     assert again["variants"]["exact"]["test_top1"] == result["variants"]["exact"]["test_top1"]
     assert sum("finished before" in line for line in lines) == len(study.VARIANTS)
