@@ -12,6 +12,7 @@ from fgnet_jax import data as data_lib
 from fgnet_jax import selection as selection_lib
 from fgnet_jax.meta import METHODS
 from fgnet_jax.models.resnet import STAGE_SIZES
+from fgnet_jax.parallel import PARALLELISM
 from fgnet_jax.train import BATCH_STATS_SOURCES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -65,6 +66,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     require(config.model.depth in STAGE_SIZES, f"config.model.depth={config.model.depth}: choose one of {sorted(STAGE_SIZES)}")
     require(config.model.dtype in MODEL_DTYPES,
             f"config.model.dtype={config.model.dtype!r}: choose one of {', '.join(MODEL_DTYPES)}")
+    require(config.get("parallelism", "shard_map") in PARALLELISM,
+            f"config.parallelism={config.get('parallelism')!r}: choose one of {', '.join(PARALLELISM)}")
     require(config.image_size >= 32, f"config.image_size={config.image_size}: must be >= 32")
     require(0 <= config.validation_fraction < 1, f"config.validation_fraction={config.validation_fraction}: must be in [0, 1)")
     for name in ("backbone_lr", "target_head_lr", "auxiliary_head_lr", "weight_decay"):

@@ -20,7 +20,6 @@ from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-from flax import jax_utils
 
 from experiments.context import Context, Interrupted, NonFiniteLossError
 from experiments.workdir import read_json, write_json_atomic
@@ -53,23 +52,23 @@ class StageSpec:
     steps: int
     initial_state: Callable[[], TrainState]
     stream: Callable[[int, int], Iterator[dict]]  # (start_step, num_steps) -> batches
-    step_fn: Callable  # pmapped (state, batch) -> (state, metrics)
-    eval_fn: Callable | None  # pmapped eval step; None: the stage is never evaluated
+    step_fn: Callable  # data-parallel (state, batch) -> (state, metrics), ctx.parallel's placement
+    eval_fn: Callable | None  # data-parallel eval step; None: the stage is never evaluated
     eval_every: int = 0  # steps; 0: never (besides the last step when eval_fn is set)
     output_step: int | None = None  # pin this step's state as the stage's output
 
 
-_PMAP_CACHE: dict = {}
+_STEP_CACHE: dict = {}
 
 
-def cached_pmap(factory, *args):
-    """One pmapped function per (factory, arguments): stages with equal settings, and a run
-    resumed in the same process, share compilations. Arguments are hashable values (the model,
-    frozen config dataclasses, strings)."""
+def cached_step(factory, *args):
+    """One data-parallel function per (factory, arguments): stages with equal settings, and a
+    run resumed in the same process, share compilations. Arguments are hashable values (the
+    model, frozen config dataclasses, strings, the DataParallel of the run)."""
     key = (factory, *args)
-    if key not in _PMAP_CACHE:
-        _PMAP_CACHE[key] = factory(*args)
-    return _PMAP_CACHE[key]
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = factory(*args)
+    return _STEP_CACHE[key]
 
 
 def evaluate(ctx: Context, params, batch_stats, source, eval_fn) -> dict[str, float]:
@@ -78,11 +77,12 @@ def evaluate(ctx: Context, params, batch_stats, source, eval_fn) -> dict[str, fl
     if len(source) == 0:
         return {}
     per_device = ctx.config.eval_batch // ctx.num_devices
-    params_r, stats_r = jax_utils.replicate(params), jax_utils.replicate(batch_stats)
+    parallel = ctx.parallel
+    params_r, stats_r = parallel.put_state(params), parallel.put_state(batch_stats)
     totals = None
     for batch in data_lib.eval_stream(source, per_device_batch=per_device, image_size=ctx.config.image_size):
-        sums = eval_fn(params_r, stats_r, {k: batch[k] for k in ("image", "label", "mask")})
-        sums = jax.tree_util.tree_map(lambda x: float(x[0]), sums)
+        sums = eval_fn(params_r, stats_r, parallel.put_batch({k: batch[k] for k in ("image", "label", "mask")}))
+        sums = {k: float(v) for k, v in parallel.host_values(sums).items()}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     count = max(totals["count"], 1.0)
     return {"accuracy": totals["top1"] / count, "top5": totals["top5"] / count, "loss": totals["loss_sum"] / count}
@@ -114,11 +114,12 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         print(f"{spec.name}: resuming from step {start} ({directory})", file=sys.stderr)
     validation = ctx.target.validation
     config = ctx.config
-    replicated = jax_utils.replicate(state)
+    parallel = ctx.parallel
+    replicated = parallel.put_state(jax.device_get(state))
     last_saved = start
 
     def host_state(replicated_state):
-        return jax.device_get(jax_utils.unreplicate(replicated_state))
+        return parallel.host_state(replicated_state)
 
     def save(step: int, replicated_state) -> None:
         nonlocal last_saved
@@ -135,13 +136,13 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
     stream = spec.stream(start, spec.steps - start)
     with progress(spec.name, spec.steps, start, ctx.is_chief) as bar:
         for step in range(start + 1, spec.steps + 1):
-            batch = _device_batch(next(stream))
+            batch = parallel.put_batch(_device_batch(next(stream)))
             replicated, metrics = spec.step_fn(replicated, batch)
             bar.update(1)
             stop_now = _stop_requested(ctx, spec.name, step)
             log_now = step % config.log_every == 0 or step == spec.steps
             if log_now or stop_now or step % config.checkpoint_every == 0 or evaluation_due(step):
-                host_metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+                host_metrics = {k: float(v) for k, v in parallel.host_values(metrics).items()}
                 if not all(math.isfinite(v) for v in host_metrics.values()):
                     raise NonFiniteLossError(
                         f"{spec.name}: non-finite metrics at step {step} ({_format(host_metrics)}); "
@@ -151,7 +152,7 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
                 if log_now:
                     ctx.logger.write(spec.name, step, host_metrics)
             if evaluation_due(step):
-                params, stats = jax.device_get(jax_utils.unreplicate((replicated.params, replicated.batch_stats)))
+                params, stats = parallel.host_state((replicated.params, replicated.batch_stats))
                 val = evaluate(ctx, params, stats, validation, spec.eval_fn)
                 if val:
                     ctx.logger.write(spec.name, step, {f"val_{k}": v for k, v in val.items()})

@@ -92,6 +92,15 @@ class DataParallel:
             self.mesh = Mesh(np.asarray(self.local_devices), (axis_name,))
             self._stacked = NamedSharding(self.mesh, P(axis_name))
 
+    def _key(self):
+        return (self.kind, self.axis_name, tuple(d.id for d in self.mesh.devices.flat))
+
+    def __eq__(self, other) -> bool:  # equal settings share compiled steps (experiments.runner.cached_step)
+        return isinstance(other, DataParallel) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
     def __repr__(self) -> str:
         return f"DataParallel({self.kind!r}, axis_name={self.axis_name!r}, devices={self.num_devices})"
 
