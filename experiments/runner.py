@@ -134,10 +134,27 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
 
     started = time.time()
     stream = spec.stream(start, spec.steps - start)
+    # Throughput after the first (compiling) step, and the time the loop waited for input
+    # (next batch from the pipeline, placed on the devices) in those steps.
+    input_wait, steady_from = 0.0, None
+    # FGNET_PROFILE_DIR=dir: a JAX profiler trace (TensorBoard / Perfetto) of steps 4-8 of the session.
+    profile_dir, profiling = os.environ.get("FGNET_PROFILE_DIR"), False
     with progress(spec.name, spec.steps, start, ctx.is_chief) as bar:
         for step in range(start + 1, spec.steps + 1):
+            if profile_dir and step in (start + 4, start + 9):
+                if profiling:
+                    jax.profiler.stop_trace()
+                else:
+                    jax.profiler.start_trace(os.path.join(profile_dir, spec.name))
+                profiling = not profiling
+            waiting = time.perf_counter()
             batch = parallel.put_batch(_device_batch(next(stream)))
+            if steady_from is not None:
+                input_wait += time.perf_counter() - waiting
             replicated, metrics = spec.step_fn(replicated, batch)
+            if steady_from is None:
+                jax.block_until_ready(replicated)
+                steady_from = (step, time.perf_counter())
             bar.update(1)
             stop_now = _stop_requested(ctx, spec.name, step)
             log_now = step % config.log_every == 0 or step == spec.steps
@@ -164,8 +181,17 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
                 save(step, replicated)
             if stop_now:
                 raise Interrupted(f"{spec.name}: stopped at step {step}; checkpoint saved, rerun the same command to resume")
+    if profiling:
+        jax.profiler.stop_trace()
     if spec.steps == start:  # nothing left to do (e.g. 0 steps): keep the starting state
         save(start, replicated)
+    jax.block_until_ready(replicated)
+    throughput = {}
+    if steady_from is not None and spec.steps > steady_from[0]:
+        seconds = time.perf_counter() - steady_from[1]
+        throughput = {"steady_steps": spec.steps - steady_from[0], "steady_seconds": seconds,
+                      "steady_steps_per_second": (spec.steps - steady_from[0]) / seconds,
+                      "input_wait_seconds": input_wait, "input_wait_fraction": input_wait / seconds}
     elapsed += time.time() - started
     best = checkpointer.best_metrics()
     result = {
@@ -174,6 +200,8 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         "best_step": checkpointer.best_step(),
         "val_accuracy": None if best is None else best["val_accuracy"],
         "output_step": spec.output_step if spec.output_step is not None else (checkpointer.best_step() or spec.steps),
+        # This session's steps after its first (compiling) one; evaluations and checkpoints included.
+        **throughput,
     }
     if ctx.is_chief:
         write_json_atomic(result_path, result)
