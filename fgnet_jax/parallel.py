@@ -43,13 +43,34 @@ def check_parallelism(kind: str) -> str:
     return kind
 
 
+_BARRIERS = [0]
+
+
+def _wait_for_all_processes(what: str) -> None:
+    """Block until every process gets here (the coordination service's barrier, 30 min).
+
+    Multi-process only. A new program's first run sets up its cross-process (Gloo, on CPU)
+    communicators, which give up after 30 s; a process that compiles a program much faster
+    than another (a compilation-cache hit, a loaded machine) would otherwise time out there
+    (seen: a resumed 2-process CPU run aborted with "Gloo context initialization failed").
+    """
+    from jax._src import distributed as jax_distributed
+
+    _BARRIERS[0] += 1
+    jax_distributed.global_state.client.wait_at_barrier(f"fgnet_compiled_{_BARRIERS[0]}", 30 * 60 * 1000)
+
+
 class _Step:
-    """A compiled data-parallel function that checks the batch's leading axis first (one line)."""
+    """A compiled data-parallel function that checks the batch's leading axis first (one line).
+
+    With several processes each input signature is compiled ahead of time and all processes
+    meet at a barrier before its first run (:func:`_wait_for_all_processes`)."""
 
     def __init__(self, function: Callable, parallel: "DataParallel", batch_argnum: int):
         self._function = function
         self._parallel = parallel
         self._batch_argnum = batch_argnum
+        self._compiled: dict = {}
         functools.update_wrapper(self, function)
 
     def _check(self, args):
@@ -57,7 +78,16 @@ class _Step:
 
     def __call__(self, *args):
         self._check(args)
-        return self._function(*args)
+        if jax.process_count() == 1:
+            return self._function(*args)
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._function.lower(*args).compile()
+            _wait_for_all_processes(getattr(self._function, "__name__", "step"))
+            self._compiled[key] = compiled
+        return compiled(*args)
 
     def lower(self, *args):
         self._check(args)
