@@ -293,6 +293,7 @@ def test_stage_one_and_five_optimisers_use_the_converted_milestones(data_root):
     ({"init_new_heads": ("backbone",)}, "config.init_new_heads"),
     ({"finetune.augmentation": "crop"}, "config.finetune.augmentation='crop'"),
     ({"parallelism": "vmap"}, "config.parallelism='vmap': choose one of shard_map, pmap"),
+    ({"model.dtype": "float16"}, "config.model.dtype='float16' is not supported (float16 needs loss scaling"),
 ])
 def test_config_errors_are_one_line_usage_errors(data_root, overrides, message):
     config = tiny_config(data_root)
