@@ -2,7 +2,14 @@
 
     python -m benchmarks.mixed_precision [--depth 10] [--image_size 32] [--batch 16]
                                          [--methods exact hvp_vjp hvp_jvp first_order]
-                                         [--seeds 3] [--json FILE]
+                                         [--seeds 3] [--json FILE] [--workdir DEMO_WORKDIR]
+
+With ``--workdir`` (a finished ``python -m experiments.cub_200 --demo`` run) the parameters
+and BatchNorm statistics are the trained ones of its ``--stage`` (default ``meta_train``, the
+state the meta-gradient is taken at during training; ``auxiliary_pretrain`` for an earlier
+point) and the batches are real T_i / T_j batches of its (generated) data, drawn by the input
+pipeline with seeds 0, 1, ...; depth, image size and class counts come from that run.
+Without it: random initialisation and Gaussian images (the first measurement).
 
 Mixed precision here means bfloat16 convolutions and BatchNorm arithmetic (the backbone's
 compute dtype) with float32 parameters, logits, losses, gradients and optimiser state
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from fgnet_jax.cpu_devices import use_cpu_convolutions
 
@@ -52,17 +60,49 @@ def compare(actual: np.ndarray, reference: np.ndarray) -> dict[str, float]:
             "cosine": float(actual @ reference / (np.linalg.norm(actual) * np.linalg.norm(reference)))}
 
 
-def meta_gradients(depth, image_size, batch, seed, methods) -> dict[str, dict[str, np.ndarray]]:
-    """{precision: {method: flat meta-gradient}} from the same float32 parameters and data."""
+def random_problem(depth, image_size, batch, seed):
     keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    base = MetaFGNet(depth, 20, 20)
-    variables = init_variables(base, keys[0], image_size)
+    variables = init_variables(MetaFGNet(depth, 20, 20), keys[0], image_size)
     data = lambda k_image, k_label: {"image": jax.random.normal(k_image, (batch, image_size, image_size, 3)),
                                      "label": jax.random.randint(k_label, (batch,), 0, 20)}
-    inner, outer = data(keys[1], keys[2]), data(keys[3], keys[4])
+    return variables, data(keys[1], keys[2]), data(keys[3], keys[4]), (depth, 20, 20)
+
+
+def trained_problem(workdir, stage, batch, seed):
+    """Trained variables of a demo run's ``stage`` and one real (T_i, T_j) pair of its data."""
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from experiments.context import _load_data
+    from fgnet_jax import data as data_lib
+
+    with open(os.path.join(workdir, "config.json")) as handle:
+        config = ml_collections.ConfigDict(json.load(handle))
+    latest = os.path.join(os.path.abspath(workdir), stage, "latest")
+    step = max(int(name) for name in os.listdir(latest) if name.isdigit())
+    with ocp.StandardCheckpointer() as checkpointer:
+        state = checkpointer.restore(os.path.join(latest, str(step), "state"))
+    variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+    target, auxiliary = _load_data(config, workdir)
+    pair = next(data_lib.meta_train_stream(target.train, auxiliary, seed=seed, per_device_batch=batch,
+                                           image_size=config.image_size, num_steps=1, local_devices=1,
+                                           process_index=0, process_count=1))
+    take = lambda part: {"image": jnp.asarray(pair[part]["image"][0]), "label": jnp.asarray(pair[part]["label"][0])}
+    classes = (variables["params"]["target_head"]["kernel"].shape[-1],
+               variables["params"]["auxiliary_head"]["kernel"].shape[-1])
+    return variables, take("inner"), take("outer"), (config.model.depth, *classes)
+
+
+def meta_gradients(depth, image_size, batch, seed, methods, workdir=None, stage="meta_train"):
+    """{precision: {method: flat meta-gradient}} from the same float32 parameters and data."""
+    if workdir:
+        variables, inner, outer, (depth, target_classes, auxiliary_classes) = trained_problem(workdir, stage, batch, seed)
+    else:
+        variables, inner, outer, (depth, target_classes, auxiliary_classes) = random_problem(depth, image_size, batch,
+                                                                                           seed)
     results = {}
     for precision, (dtype, param_dtype) in COMPUTE.items():
-        model = MetaFGNet(depth, 20, 20, dtype=dtype, param_dtype=param_dtype)
+        model = MetaFGNet(depth, target_classes, auxiliary_classes, dtype=dtype, param_dtype=param_dtype)
         cast = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(param_dtype), tree)
         params, stats = cast(select(variables["params"], TARGET_KEYS)), cast(variables["batch_stats"])
         loss_fn = target_loss_fn(model, stats)
@@ -80,12 +120,17 @@ def main(argv=None) -> None:
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--json")
+    parser.add_argument("--workdir", help="a finished demo run: its trained parameters and real batches")
+    parser.add_argument("--stage", default="meta_train", help="whose checkpoint (with --workdir)")
     args = parser.parse_args(argv)
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); ResNet-{args.depth}, "
-          f"{args.image_size} px, batch {args.batch} per T_i/T_j, eta 0.01", flush=True)
+    what = (f"trained parameters of {args.workdir}/{args.stage}, its data" if args.workdir
+            else f"ResNet-{args.depth}, {args.image_size} px, random initialisation")
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); {what}, "
+          f"batch {args.batch} per T_i/T_j, eta 0.01", flush=True)
     rows = []
     for seed in range(args.seeds):
-        gradients = meta_gradients(args.depth, args.image_size, args.batch, seed, args.methods)
+        gradients = meta_gradients(args.depth, args.image_size, args.batch, seed, args.methods, args.workdir,
+                                   args.stage)
         reference_first_order = gradients["float64"].get("first_order")
         for method in args.methods:
             row = {"seed": seed, "method": method}

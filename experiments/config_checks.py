@@ -12,6 +12,7 @@ from fgnet_jax import data as data_lib
 from fgnet_jax import selection as selection_lib
 from fgnet_jax.meta import METHODS
 from fgnet_jax.models.resnet import STAGE_SIZES
+from fgnet_jax.parallel import PARALLELISM
 from fgnet_jax.train import BATCH_STATS_SOURCES
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -65,6 +66,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     require(config.model.depth in STAGE_SIZES, f"config.model.depth={config.model.depth}: choose one of {sorted(STAGE_SIZES)}")
     require(config.model.dtype in MODEL_DTYPES,
             f"config.model.dtype={config.model.dtype!r}: choose one of {', '.join(MODEL_DTYPES)}")
+    require(config.get("parallelism", "shard_map") in PARALLELISM,
+            f"config.parallelism={config.get('parallelism')!r}: choose one of {', '.join(PARALLELISM)}")
+    require(config.model.dtype != "float16",
+            "config.model.dtype='float16' is not supported (float16 needs loss scaling, which this project does not do): "
+            "use bfloat16 for mixed precision")
+    if config.model.dtype == "bfloat16":
+        problem = bfloat16_problem(jax.devices()[0])
+        require(problem is None, f"config.model.dtype='bfloat16': {problem}; use --config.model.dtype=float32")
     require(config.image_size >= 32, f"config.image_size={config.image_size}: must be >= 32")
     require(0 <= config.validation_fraction < 1, f"config.validation_fraction={config.validation_fraction}: must be in [0, 1)")
     for name in ("backbone_lr", "target_head_lr", "auxiliary_head_lr", "weight_decay"):
@@ -119,6 +128,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         require(config[name] >= 1, f"config.{name}={config[name]}: must be >= 1")
+
+
+def bfloat16_problem(device) -> str | None:
+    """Why bfloat16 compute is not supported on ``device``, or None. NVIDIA GPUs before Ampere
+    (compute capability 8.0) have no bfloat16 arithmetic (XLA would emulate it, slower than
+    float32); CPUs emulate it too, but run it (slowly: for checks, not for training)."""
+    if device.platform == "gpu":
+        capability = getattr(device, "compute_capability", None)
+        try:
+            major = int(str(capability).split(".")[0])
+        except ValueError:
+            return None
+        if major < 8:
+            return f"{device.device_kind} (compute capability {capability}) has no bfloat16 arithmetic (needs >= 8.0)"
+    return None
 
 
 def _across() -> str:

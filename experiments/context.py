@@ -17,6 +17,7 @@ from experiments.workdir import MetricLogger, UsageError, claim_workdir
 from fgnet_jax import data as data_lib
 from fgnet_jax import distributed
 from fgnet_jax.models import MetaFGNet
+from fgnet_jax.parallel import DataParallel
 
 AXIS = "batch"
 # float64 (parameters and compute; the experiment turns on jax_enable_x64) is for round-off-free
@@ -71,6 +72,11 @@ class Context:
     logger: MetricLogger
     stop: StopFlag
     is_chief: bool = True
+    parallel: DataParallel | None = None  # how the steps run on the devices (config.parallelism)
+
+    def __post_init__(self):
+        if self.parallel is None:
+            self.parallel = DataParallel(self.config.get("parallelism", "shard_map"), AXIS)
 
     def stage_dir(self, stage: str) -> str:
         return os.path.join(self.workdir, stage)

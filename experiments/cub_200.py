@@ -8,7 +8,7 @@ the auxiliary data -> meta-train with all auxiliary data -> score and select aux
 samples -> meta-train on the selection -> fine-tune on the target set -> test evaluation.
 Rerunning the same command after an interruption (Ctrl-C, SIGTERM, kill -9, power loss)
 resumes from the last checkpoint; completed stages are skipped. See experiments/workdir.py for
-the workdir layout. All local devices are used (pmap); the global batch sizes are split
+the workdir layout. All devices are used (config.parallelism: jit + shard_map, or pmap); the global batch sizes are split
 across them.
 
 Several processes (hosts) run the same command with JAX's distributed runtime, each reading

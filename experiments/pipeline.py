@@ -25,10 +25,10 @@ from experiments.compilation import CompileCounter
 from experiments.config_checks import validate_config  # noqa: F401  (re-exported for the entry point)
 from experiments.context import AXIS, Interrupted, NonFiniteLossError, StopFlag, build_context  # noqa: F401
 from experiments.report import format_summary  # noqa: F401
-from experiments.runner import cached_pmap, evaluate
+from experiments.runner import cached_step, evaluate
 from experiments.stages import auxiliary_pretrain, finetune, meta_train, selection, start_weights
 from experiments.workdir import UsageError, write_json_atomic  # noqa: F401
-from fgnet_jax.train import pmap_eval_step
+from fgnet_jax.train import parallel_eval_step
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False,
@@ -52,7 +52,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
             variables, stages["meta_train_selected"] = meta_train.run(ctx, "meta_train_selected", variables, selected)
         variables, stages[finetune.NAME] = finetune.run(ctx, variables)
 
-        eval_fn = cached_pmap(pmap_eval_step, ctx.model, AXIS)
+        eval_fn = cached_step(parallel_eval_step, ctx.model, ctx.parallel)
         test = evaluate(ctx, variables["params"], variables["batch_stats"], ctx.target.test, eval_fn)
         validation = evaluate(ctx, variables["params"], variables["batch_stats"], ctx.target.validation, eval_fn)
     stages = {name: result for name, result in stages.items() if result is not None}  # skipped stages

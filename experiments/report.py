@@ -21,6 +21,7 @@ def summarise(ctx, stages: dict[str, dict], test: dict, validation: dict, select
         "wall_seconds": {name: stage["wall_seconds"] for name, stage in stages.items()},
         "hardware": f"{jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()})"
                     + ("" if jax.process_count() == 1 else f", {jax.process_count()} processes"),
+        "parallelism": ctx.parallel.kind,
         "model": f"ResNet-{config.model.depth} {config.image_size}px {config.model.dtype}",
         "dataset": config.dataset,
         "num_train": len(ctx.target.train),

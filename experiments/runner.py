@@ -20,10 +20,9 @@ from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-from flax import jax_utils
 
 from experiments.compilation import CompileCounter
-from experiments.context import AXIS, Context, Interrupted, NonFiniteLossError
+from experiments.context import Context, Interrupted, NonFiniteLossError
 from experiments.workdir import read_json, write_json_atomic
 from fgnet_jax import data as data_lib
 from fgnet_jax import distributed
@@ -54,39 +53,23 @@ class StageSpec:
     steps: int
     initial_state: Callable[[], TrainState]
     stream: Callable[[int, int], Iterator[dict]]  # (start_step, num_steps) -> batches
-    step_fn: Callable  # pmapped (state, batch) -> (state, metrics)
-    eval_fn: Callable | None  # pmapped eval step; None: the stage is never evaluated
+    step_fn: Callable  # data-parallel (state, batch) -> (state, metrics), ctx.parallel's placement
+    eval_fn: Callable | None  # data-parallel eval step; None: the stage is never evaluated
     eval_every: int = 0  # steps; 0: never (besides the last step when eval_fn is set)
     output_step: int | None = None  # pin this step's state as the stage's output
 
 
-_PMAP_CACHE: dict = {}
+_STEP_CACHE: dict = {}
 
 
-def cached_pmap(factory, *args):
-    """One pmapped function per (factory, arguments): stages with equal settings, and a run
-    resumed in the same process, share compilations. Arguments are hashable values (the model,
-    frozen config dataclasses, strings)."""
+def cached_step(factory, *args):
+    """One data-parallel function per (factory, arguments): stages with equal settings, and a
+    run resumed in the same process, share compilations. Arguments are hashable values (the
+    model, frozen config dataclasses, strings, the DataParallel of the run)."""
     key = (factory, *args)
-    if key not in _PMAP_CACHE:
-        _PMAP_CACHE[key] = factory(*args)
-    return _PMAP_CACHE[key]
-
-
-def replicate(tree):
-    """``tree`` on every local device, placed as the pmapped steps place their outputs.
-
-    flax's ``jax_utils.replicate`` puts arrays on a mesh whose axis is named
-    ``_device_put_sharded``, the steps return them on one named ``AXIS``: a step fed the first
-    compiled again (same shapes) for its second call. With one process the arrays are moved
-    to the steps' sharding here (no compilation), so every step compiles once."""
-    replicated = jax_utils.replicate(tree)
-    if jax.process_count() > 1:
-        return replicated
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    sharding = NamedSharding(Mesh(np.asarray(jax.local_devices()), (AXIS,)), PartitionSpec(AXIS))
-    return jax.device_put(replicated, sharding)
+    if key not in _STEP_CACHE:
+        _STEP_CACHE[key] = factory(*args)
+    return _STEP_CACHE[key]
 
 
 def evaluate(ctx: Context, params, batch_stats, source, eval_fn) -> dict[str, float]:
@@ -95,11 +78,12 @@ def evaluate(ctx: Context, params, batch_stats, source, eval_fn) -> dict[str, fl
     if len(source) == 0:
         return {}
     per_device = ctx.config.eval_batch // ctx.num_devices
-    params_r, stats_r = replicate(params), replicate(batch_stats)
+    parallel = ctx.parallel
+    params_r, stats_r = parallel.put_state(params), parallel.put_state(batch_stats)
     totals = None
     for batch in data_lib.eval_stream(source, per_device_batch=per_device, image_size=ctx.config.image_size):
-        sums = eval_fn(params_r, stats_r, {k: batch[k] for k in ("image", "label", "mask")})
-        sums = jax.tree_util.tree_map(lambda x: float(x[0]), sums)
+        sums = eval_fn(params_r, stats_r, parallel.put_batch({k: batch[k] for k in ("image", "label", "mask")}))
+        sums = {k: float(v) for k, v in parallel.host_values(sums).items()}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
     count = max(totals["count"], 1.0)
     return {"accuracy": totals["top1"] / count, "top5": totals["top5"] / count, "loss": totals["loss_sum"] / count}
@@ -186,11 +170,12 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         print(f"{spec.name}: resuming from step {start} ({directory})", file=sys.stderr)
     validation = ctx.target.validation
     config = ctx.config
-    replicated = replicate(state)
+    parallel = ctx.parallel
+    replicated = parallel.put_state(jax.device_get(state))
     last_saved = start
 
     def host_state(replicated_state):
-        return jax.device_get(jax_utils.unreplicate(replicated_state))
+        return parallel.host_state(replicated_state)
 
     def save(step: int, replicated_state) -> None:
         nonlocal last_saved
@@ -206,15 +191,32 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
     started = time.time()
     compilations = CompileCounter()
     stream = spec.stream(start, spec.steps - start)
+    # Throughput after the first (compiling) step, and the time the loop waited for input
+    # (next batch from the pipeline, placed on the devices) in those steps.
+    input_wait, steady_from = 0.0, None
+    # FGNET_PROFILE_DIR=dir: a JAX profiler trace (TensorBoard / Perfetto) of steps 4-8 of the session.
+    profile_dir, profiling = os.environ.get("FGNET_PROFILE_DIR"), False
     with progress(spec.name, spec.steps, start, ctx.is_chief) as bar:
         for step in range(start + 1, spec.steps + 1):
-            batch = _device_batch(next(stream))
+            if profile_dir and step in (start + 4, start + 9):
+                if profiling:
+                    jax.profiler.stop_trace()
+                else:
+                    jax.profiler.start_trace(os.path.join(profile_dir, spec.name))
+                profiling = not profiling
+            waiting = time.perf_counter()
+            batch = parallel.put_batch(_device_batch(next(stream)))
+            if steady_from is not None:
+                input_wait += time.perf_counter() - waiting
             replicated, metrics = spec.step_fn(replicated, batch)
+            if steady_from is None:
+                jax.block_until_ready(replicated)
+                steady_from = (step, time.perf_counter())
             bar.update(1)
             stop_now = _stop_requested(ctx, spec.name, step)
             log_now = step % config.log_every == 0 or step == spec.steps
             if log_now or stop_now or step % config.checkpoint_every == 0 or evaluation_due(step):
-                host_metrics = {k: float(v[0]) for k, v in jax.device_get(metrics).items()}
+                host_metrics = {k: float(v) for k, v in parallel.host_values(metrics).items()}
                 if not all(math.isfinite(v) for v in host_metrics.values()):
                     raise NonFiniteLossError(
                         f"{spec.name}: non-finite metrics at step {step} ({_format(host_metrics)}); "
@@ -224,7 +226,7 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
                 if log_now:
                     ctx.logger.write(spec.name, step, host_metrics)
             if evaluation_due(step):
-                params, stats = jax.device_get(jax_utils.unreplicate((replicated.params, replicated.batch_stats)))
+                params, stats = parallel.host_state((replicated.params, replicated.batch_stats))
                 val = evaluate(ctx, params, stats, validation, spec.eval_fn)
                 if val:
                     ctx.logger.write(spec.name, step, {f"val_{k}": v for k, v in val.items()})
@@ -237,8 +239,17 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
                 save(step, replicated)
             if stop_now:
                 raise Interrupted(f"{spec.name}: stopped at step {step}; checkpoint saved, rerun the same command to resume")
+    if profiling:
+        jax.profiler.stop_trace()
     if spec.steps == start:  # nothing left to do (e.g. 0 steps): keep the starting state
         save(start, replicated)
+    jax.block_until_ready(replicated)
+    throughput = {}
+    if steady_from is not None and spec.steps > steady_from[0]:
+        seconds = time.perf_counter() - steady_from[1]
+        throughput = {"steady_steps": spec.steps - steady_from[0], "steady_seconds": seconds,
+                      "steady_steps_per_second": (spec.steps - steady_from[0]) / seconds,
+                      "input_wait_seconds": input_wait, "input_wait_fraction": input_wait / seconds}
     elapsed += time.time() - started
     best = checkpointer.best_metrics()
     result = {
@@ -252,6 +263,8 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         "compiled": compilations.compiled,
         "compile_cache_hits": compilations.cache_hits,
         "compile_seconds": round(compilations.seconds, 2),
+        # This session's steps after its first (compiling) one; evaluations and checkpoints included.
+        **throughput,
     }
     if ctx.is_chief:
         write_json_atomic(result_path, result)

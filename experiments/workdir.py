@@ -47,14 +47,23 @@ def claim_workdir(workdir: str, config: ml_collections.ConfigDict, allow_config_
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json())
     recorded = read_json(path)
-    if recorded is not None and recorded != current and not allow_config_change:
-        changed = sorted(_differences(recorded, current))
+    if recorded is not None and _results_config(recorded) != _results_config(current) and not allow_config_change:
+        changed = sorted(_differences(_results_config(recorded), _results_config(current)))
         raise UsageError(
             f"{workdir} holds a run with another config (differs in {', '.join(changed[:5])}"
             f"{', ...' if len(changed) > 5 else ''}): use another --workdir, or pass --allow_config_change to continue it"
         )
     if recorded != current and write:
         write_json_atomic(path, current)
+
+
+# Settings that say how a run executes, not what it computes: a workdir may continue under
+# another value (the checkpoints are the same on disk).
+EXECUTION_SETTINGS = ("parallelism",)
+
+
+def _results_config(config: dict) -> dict:
+    return {key: value for key, value in config.items() if key not in EXECUTION_SETTINGS}
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

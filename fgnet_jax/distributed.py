@@ -4,7 +4,8 @@ One Python process per host (or per accelerator group) runs the same program. Th
 through ``jax.distributed.initialize`` (a coordinator address, the process count and this
 process's id, or auto-detection on the clusters JAX knows: Slurm, Open MPI, Cloud TPU, ...).
 Afterwards ``jax.devices()`` lists every process's devices, ``jax.local_devices()`` this
-process's, and a ``pmap`` over the local devices runs its collectives (``pmean``/``psum``)
+process's, and a ``jit``/``shard_map`` program over all devices (or a ``pmap`` over the local
+devices) runs its collectives (``pmean``/``psum``)
 over all devices of all processes. On CPU the cross-process collectives go through Gloo.
 
 This module holds the few helpers the pipeline needs on top of that: start-up, a barrier,

@@ -121,6 +121,7 @@ __all__ = [
     "is_differentiable",
     "split_differentiable",
     "merge_differentiable",
+    "mean_gradients",
 ]
 
 METHODS = ("exact", "hvp_vjp", "hvp_jvp", "first_order")
@@ -403,6 +404,15 @@ class _DeviceAxis:
                 "that shard (meta_value_and_grad averages over the axis itself)"
             )
         return lax.pmean(loss, self.names)
+
+
+def mean_gradients(grads: PyTree, axis_name: Any) -> PyTree:
+    """The mean over the data-parallel axis ``axis_name`` of per-device gradients of per-device
+    mean losses (identity for ``None``), correct under ``pmap``, ``vmap`` and ``shard_map``
+    with ``check_vma`` on or off: with it on, JAX returns the gradient with respect to
+    replicated parameters already summed over the axis, and this divides instead of averaging
+    again."""
+    return _DeviceAxis.bind(axis_name).mean_of_gradients(grads)
 
 
 # ------------------------------------------------------------------------------------------

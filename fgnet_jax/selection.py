@@ -45,6 +45,7 @@ __all__ = [
     "CRITERIA",
     "selection_scores",
     "score_step",
+    "parallel_score_step",
     "pmap_score_step",
     "select_ids",
     "params_fingerprint",
@@ -74,9 +75,17 @@ def score_step(params, batch_stats, batch: Mapping[str, jax.Array], *, model) ->
     return selection_scores(target_logits, auxiliary_logits)
 
 
+def parallel_score_step(model, parallel):
+    """``score_step`` on all devices of a :class:`fgnet_jax.parallel.DataParallel` (params and
+    statistics replicated, batch and scores sharded)."""
+    return parallel.per_example(functools.partial(score_step, model=model))
+
+
 def pmap_score_step(model, axis_name: str = "batch"):
     """``score_step`` over local devices (params and statistics replicated, batch sharded)."""
-    return jax.pmap(functools.partial(score_step, model=model), axis_name=axis_name)
+    from fgnet_jax.parallel import DataParallel
+
+    return parallel_score_step(model, DataParallel("pmap", axis_name))
 
 
 def select_ids(ids: Sequence[str], scores: np.ndarray, criterion: str, value: float) -> list[str]:

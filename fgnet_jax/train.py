@@ -30,10 +30,13 @@ selection use:
 - ``"outer"``: only the meta pass (T_j at :math:`\theta^{t\prime}`), which comes free with
   the meta-gradient; the running statistics then never see auxiliary images.
 
-Parallelism: each function takes ``axis_name``; under ``jax.pmap`` with that axis the
-inner gradients, gradients, losses and BatchNorm statistics (through the model's
-``axis_name``) are averaged over devices, so the step does not depend on the device count.
-The ``pmap_*`` helpers build the pmapped versions (state donated).
+Parallelism: each function takes ``axis_name``; under ``jax.shard_map`` or ``jax.pmap``
+with that axis the inner gradients, gradients, losses and BatchNorm statistics (through the
+model's ``axis_name``) are averaged over devices, so the step does not depend on the device
+count. ``parallel_train_step``, ``parallel_supervised_step`` and ``parallel_eval_step`` build
+the data-parallel versions (state donated) for a :class:`fgnet_jax.parallel.DataParallel`:
+``jax.jit`` over a mesh with ``jax.shard_map`` (default) or ``jax.pmap``; the ``pmap_*``
+helpers are the latter.
 """
 
 from __future__ import annotations
@@ -48,7 +51,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fgnet_jax.meta import METHODS, meta_value_and_grad
+from fgnet_jax.meta import METHODS, mean_gradients, meta_value_and_grad
+from fgnet_jax.parallel import DataParallel
 from fgnet_jax.objective import (
     AUXILIARY_KEYS,
     TARGET_KEYS,
@@ -71,6 +75,9 @@ __all__ = [
     "train_step",
     "supervised_step",
     "eval_step",
+    "parallel_train_step",
+    "parallel_supervised_step",
+    "parallel_eval_step",
     "pmap_train_step",
     "pmap_supervised_step",
     "pmap_eval_step",
@@ -267,7 +274,7 @@ def metafgnet_gradients(
     (auxiliary_loss, auxiliary_aux), auxiliary_grads = jax.value_and_grad(
         auxiliary_loss_fn(model, batch_stats), has_aux=True
     )(select(params, AUXILIARY_KEYS), batch["auxiliary"])
-    auxiliary_grads = _axis_mean(auxiliary_grads, axis_name)
+    auxiliary_grads = mean_gradients(auxiliary_grads, axis_name)
     grads = combine_gradients(meta_grads, auxiliary_grads, config.auxiliary_weight)
     if config.batch_stats_from == "outer":
         new_batch_stats = outer_aux["batch_stats"]
@@ -333,7 +340,7 @@ def supervised_step(
         raise ValueError(f"head must be one of {sorted(SUPERVISED_HEADS)}, got {head!r}")
     loss_fn = (target_loss_fn if head == "target_head" else auxiliary_loss_fn)(model, state.batch_stats)
     (loss, aux), head_grads = jax.value_and_grad(loss_fn, has_aux=True)(select(state.params, SUPERVISED_HEADS[head]), batch)
-    head_grads = _axis_mean(head_grads, axis_name)
+    head_grads = mean_gradients(head_grads, axis_name)
     grads = {key: head_grads[key] if key in head_grads else jax.tree_util.tree_map(jnp.zeros_like, value)
              for key, value in state.params.items()}
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -374,16 +381,33 @@ def eval_step(
     return sums if axis_name is None else lax.psum(sums, axis_name)
 
 
+def parallel_train_step(model, tx, config: MetaStepConfig, parallel: DataParallel) -> Callable:
+    """``train_step`` on all devices of ``parallel`` (state donated); the model must use its
+    ``axis_name``. Under ``shard_map`` the batch is global ``[B, ...]`` (sharded), under
+    ``pmap`` ``[devices, B / devices, ...]``."""
+    return parallel.step(functools.partial(train_step, model=model, tx=tx, config=config,
+                                           axis_name=parallel.axis_name))
+
+
+def parallel_supervised_step(model, tx, head: str, parallel: DataParallel) -> Callable:
+    """``supervised_step`` on all devices of ``parallel`` (state donated)."""
+    return parallel.step(functools.partial(supervised_step, model=model, tx=tx, head=head,
+                                           axis_name=parallel.axis_name))
+
+
+def parallel_eval_step(model, parallel: DataParallel) -> Callable:
+    """``eval_step`` on all devices of ``parallel``: the sums of the whole global batch."""
+    return parallel.reduce(functools.partial(eval_step, model=model, axis_name=parallel.axis_name))
+
+
 def pmap_train_step(model, tx, config: MetaStepConfig, axis_name: str = "batch") -> Callable:
     """``train_step`` pmapped over local devices (state donated); the model must use ``axis_name``."""
-    step = functools.partial(train_step, model=model, tx=tx, config=config, axis_name=axis_name)
-    return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
+    return parallel_train_step(model, tx, config, DataParallel("pmap", axis_name))
 
 
 def pmap_supervised_step(model, tx, head: str, axis_name: str = "batch") -> Callable:
-    step = functools.partial(supervised_step, model=model, tx=tx, head=head, axis_name=axis_name)
-    return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
+    return parallel_supervised_step(model, tx, head, DataParallel("pmap", axis_name))
 
 
 def pmap_eval_step(model, axis_name: str = "batch") -> Callable:
-    return jax.pmap(functools.partial(eval_step, model=model, axis_name=axis_name), axis_name=axis_name)
+    return parallel_eval_step(model, DataParallel("pmap", axis_name))

@@ -20,19 +20,22 @@ class SmallBackbone(nn.Module):
     blocks: tuple  # ((width, stride), ...)
     bn_momentum: float
     bn_epsilon: float
-    axis_name: str | None = None  # pmap axis: synchronised BatchNorm
+    axis_name: str | None = None  # data-parallel axis: synchronised BatchNorm
+    dtype: jnp.dtype = jnp.float64  # compute
+    param_dtype: jnp.dtype = jnp.float64
 
     @nn.compact
     def __call__(self, x, train):
-        x = nn.Conv(self.stem, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=jnp.float64,
-                    param_dtype=jnp.float64, name="stem")(x)
+        x = nn.Conv(self.stem, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="stem")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon,
-                         axis_name=self.axis_name, dtype=jnp.float64, param_dtype=jnp.float64, name="stem_bn")(x)
+                         axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype, name="stem_bn")(x)
         x = nn.relu(x)
         for index, (width, stride) in enumerate(self.blocks):
-            x = BasicBlock(width, stride, axis_name=self.axis_name, dtype=jnp.float64, param_dtype=jnp.float64,
+            x = BasicBlock(width, stride, axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype,
                            name=f"block{index}")(x, train)
-        return jnp.mean(x, axis=(1, 2))
+        # Pooled features (and so the heads, logits and losses) at least float32, as MetaFGNet's.
+        return jnp.mean(x, axis=(1, 2)).astype(jnp.promote_types(jnp.float32, self.param_dtype))
 
 
 class SmallMetaNet(nn.Module):
@@ -43,11 +46,15 @@ class SmallMetaNet(nn.Module):
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     axis_name: str | None = None
+    dtype: jnp.dtype = jnp.float64  # backbone compute (jnp.bfloat16 with param_dtype float32: mixed precision)
+    param_dtype: jnp.dtype = jnp.float64
 
     def setup(self):
-        self.backbone = SmallBackbone(self.stem, self.blocks, self.bn_momentum, self.bn_epsilon, self.axis_name)
-        self.target_head = nn.Dense(self.num_target_classes, dtype=jnp.float64, param_dtype=jnp.float64)
-        self.auxiliary_head = nn.Dense(self.num_auxiliary_classes, dtype=jnp.float64, param_dtype=jnp.float64)
+        self.backbone = SmallBackbone(self.stem, self.blocks, self.bn_momentum, self.bn_epsilon, self.axis_name,
+                                      self.dtype, self.param_dtype)
+        head_dtype = jnp.promote_types(jnp.float32, self.param_dtype)
+        self.target_head = nn.Dense(self.num_target_classes, dtype=head_dtype, param_dtype=self.param_dtype)
+        self.auxiliary_head = nn.Dense(self.num_auxiliary_classes, dtype=head_dtype, param_dtype=self.param_dtype)
 
     def target_logits(self, x, train=False):
         return self.target_head(self.backbone(x, train))

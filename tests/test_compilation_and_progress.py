@@ -50,20 +50,6 @@ def test_counter_counts_one_compilation_per_shape():
     assert counter.by_name().get("double") == 2 and counter.compiled >= 2
 
 
-def test_replicated_state_feeds_a_pmapped_step_that_compiles_once():
-    """The runner's ``replicate`` places the state as the step returns it, so calling the step
-    on its own output does not compile it again (flax's ``jax_utils.replicate`` alone did)."""
-    def bump(state):
-        return {"a": state["a"] + 1, "b": state["b"] * 2}
-
-    step = jax.pmap(bump, axis_name=runner.AXIS, donate_argnums=(0,))
-    state = runner.replicate({"a": jnp.ones(3), "b": jnp.ones((2, 2))})
-    counter = CompileCounter()
-    for _ in range(3):
-        state = step(state)
-    assert counter.compiled == 1, counter.by_name()
-
-
 def test_persistent_cache_makes_a_rerun_compile_nothing(tmp_path):
     first = _run_program(tmp_path / "cache")
     assert first["compiled"] >= 1 and first["cache_hits"] == 0

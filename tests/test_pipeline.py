@@ -215,6 +215,39 @@ def test_resume_inside_stages_one_four_and_five_matches_uninterrupted(uninterrup
         np.testing.assert_array_equal(resumed_params[name], expected_params[name], err_msg=name)
 
 
+def test_a_run_resumes_on_the_other_parallelism(uninterrupted, data_root, tmp_path, capsys):
+    """The checkpoints are host state, the same for both paths: a workdir of the (default)
+    shard_map run, cut back to fine-tuning's step-2 checkpoint, finishes under pmap with the
+    uninterrupted run's parameters (up to float32 round-off: another program)."""
+    import shutil
+
+    reference_dir, reference_summary, _ = uninterrupted
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_dir, workdir)
+    for path in (workdir / "finetune" / "latest").iterdir():
+        if path.name.isdigit() and int(path.name) > 2:
+            shutil.rmtree(path)
+    for path in (workdir / "finetune" / "best").iterdir():
+        if path.name.isdigit() and int(path.name) > 2:
+            shutil.rmtree(path)
+    for stale in ("finetune/result.json", "summary.json"):
+        (workdir / stale).unlink()
+    config = tiny_config(data_root)
+    assert config.parallelism == "shard_map"
+    config.parallelism = "pmap"
+    summary = pipeline.run(config, str(workdir))  # no --allow_config_change needed
+    assert "finetune: resuming from step 2" in capsys.readouterr().err
+    assert summary["steps"] == reference_summary["steps"]
+    expected_params = _latest_params(reference_dir / "finetune")
+    resumed_params = _latest_params(workdir / "finetune")
+    assert expected_params.keys() == resumed_params.keys()
+    for name in expected_params:
+        scale = float(np.max(np.abs(expected_params[name])))
+        np.testing.assert_allclose(resumed_params[name], expected_params[name], rtol=0, atol=1e-5 * scale + 1e-7,
+                                   err_msg=name)
+    assert summary["test_accuracy"] == pytest.approx(reference_summary["test_accuracy"], abs=1.0 / summary["num_test"])
+
+
 def _latest_params(directory):
     import orbax.checkpoint as ocp
 
@@ -261,6 +294,8 @@ def test_stage_one_and_five_optimisers_use_the_converted_milestones(data_root):
     ({"auxiliary_pretrain.output_epoch": 3}, "config.auxiliary_pretrain.output_epoch=3"),
     ({"init_new_heads": ("backbone",)}, "config.init_new_heads"),
     ({"finetune.augmentation": "crop"}, "config.finetune.augmentation='crop'"),
+    ({"parallelism": "vmap"}, "config.parallelism='vmap': choose one of shard_map, pmap"),
+    ({"model.dtype": "float16"}, "config.model.dtype='float16' is not supported (float16 needs loss scaling"),
 ])
 def test_config_errors_are_one_line_usage_errors(data_root, overrides, message):
     config = tiny_config(data_root)

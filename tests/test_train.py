@@ -7,7 +7,8 @@ groups, the supervised steps of the first and last stages, evaluation.
 The backbone is the real ResNet code at depth 10 (one basic block per stage, so compilation
 stays short) on 32 px images, which keeps the last stage at 1x1 (XLA:CPU is pathologically
 slow on 2x2 convolutions). float64 parameters and compute make the device-count invariance
-checkable to round-off.
+checkable to round-off. Device-count invariance of every step, on both data-parallel paths:
+tests/test_parallel.py.
 """
 
 import functools
@@ -17,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import jax_utils
 
 from fgnet_jax.models import MetaFGNet, init_variables
+from fgnet_jax.parallel import DataParallel
 from small_metanet import SmallMetaNet, small_metanet_variables  # tests/small_metanet.py
 from fgnet_jax.train import (
     MetaStepConfig,
@@ -28,7 +29,6 @@ from fgnet_jax.train import (
     eval_step,
     make_optimizer,
     pmap_eval_step,
-    pmap_train_step,
     step_decay,
     supervised_step,
     train_step,
@@ -86,41 +86,6 @@ def compile_quickly(function, *example_args):
     """``function`` (jitted or pmapped) compiled at XLA's backend optimisation level 0: several
     times faster to compile for the small network; float64 values differ only by round-off."""
     return function.lower(*example_args).compile(compiler_options={"xla_backend_optimization_level": 0})
-
-
-def test_four_devices_equal_one_device():
-    """The train step under pmap (synchronised BatchNorm, averaged gradients and inner
-    gradients, the running statistics' extra pass) equals one device with the concatenated
-    batches. The small network of tests/small_metanet.py and one method suffice here:
-    tests/test_meta.py checks every method's meta-gradient this way, and tests/test_models.py
-    the ResNet's synchronised BatchNorm."""
-    config = MetaStepConfig(method="exact", inner_lr=0.05)
-    tx = make_optimizer(OPTIMIZER)
-    model = SmallMetaNet(TARGET_CLASSES, AUXILIARY_CLASSES)
-    variables = jax.tree_util.tree_map(jnp.asarray, small_metanet_variables(model, 12))
-    rng = np.random.default_rng(0)
-    batch = {name: {"image": jnp.asarray(rng.normal(shift, 1.0, (NUM_DEVICES * PER_DEVICE, 12, 12, 3))),
-                    "label": jnp.asarray(rng.integers(0, classes, NUM_DEVICES * PER_DEVICE))}
-             for name, shift, classes in (("inner", 0.0, TARGET_CLASSES), ("outer", 0.2, TARGET_CLASSES),
-                                          ("auxiliary", -0.2, AUXILIARY_CLASSES))}
-    initial = create_train_state(variables, tx, jax.random.PRNGKey(1))
-    single = compile_quickly(jax.jit(functools.partial(train_step, model=model, tx=tx, config=config)), initial, batch)
-    expected_state, expected_metrics = single(initial, batch)
-
-    replicated = jax_utils.replicate(initial)
-    sharded = jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, PER_DEVICE, *x.shape[1:]), batch)
-    parallel = compile_quickly(pmap_train_step(model.clone(axis_name="batch"), tx, config), replicated, sharded)
-    parallel_state, parallel_metrics = parallel(replicated, sharded)
-
-    for device in range(NUM_DEVICES):
-        state = jax.tree_util.tree_map(lambda x: x[device], parallel_state)
-        # Compare the *changes* (the values themselves are dominated by their initial values).
-        assert relative_error(tree_difference(state.params, initial.params),
-                              tree_difference(expected_state.params, initial.params)) < 1e-9
-        assert relative_error(tree_difference(state.batch_stats, initial.batch_stats),
-                              tree_difference(expected_state.batch_stats, initial.batch_stats)) < 1e-9
-        np.testing.assert_allclose(parallel_metrics["loss"][device], expected_metrics["loss"], rtol=1e-9)
-        assert int(state.step) == 1
 
 
 def test_optimizer_matches_pytorch_sgd_formula_with_milestones():
@@ -220,10 +185,11 @@ def test_eval_sums_respect_mask_and_match_across_devices():
 
     parallel_model, _ = model_and_variables("batch")
     sharded = jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, PER_DEVICE, *x.shape[1:]), batch)
-    parallel = pmap_eval_step(parallel_model)(jax_utils.replicate(variables["params"]),
-                                              jax_utils.replicate(variables["batch_stats"]), sharded)
+    pmap = DataParallel("pmap")
+    parallel = pmap.host_values(pmap_eval_step(parallel_model)(pmap.put_state(variables["params"]),
+                                                               pmap.put_state(variables["batch_stats"]), sharded))
     for key in sums:
-        np.testing.assert_allclose(parallel[key][0], sums[key], rtol=1e-5)
+        np.testing.assert_allclose(parallel[key], sums[key], rtol=1e-5)
 
 
 def test_bad_config_values_raise():

@@ -52,6 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"  # "bfloat16" on accelerators; "float64" for round-off-free checks
     config.model.remat = False
 
+    # How the steps run on the devices: "shard_map" (jax.jit over a mesh of all devices with
+    # jax.shard_map; the default) or "pmap" (jax.pmap over each process's devices). The same
+    # per-device steps and the same checkpoints; a run may resume on the other path.
+    config.parallelism = "shard_map"
+
     # Starting weights: an Orbax checkpoint of {"params", "batch_stats"} written by
     # `python -m fgnet_jax.convert` (the authors: torchvision's ImageNet ResNet-34), or "random"
     # for random initialisation. Empty is an error: nothing starts from random weights unasked.

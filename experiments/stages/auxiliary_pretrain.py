@@ -16,9 +16,9 @@ from __future__ import annotations
 import jax
 
 from experiments import runner
-from experiments.context import AXIS, Context
+from experiments.context import Context
 from fgnet_jax import data as data_lib
-from fgnet_jax.train import OptimizerConfig, create_train_state, make_optimizer, pmap_supervised_step
+from fgnet_jax.train import OptimizerConfig, create_train_state, make_optimizer, parallel_supervised_step
 
 NAME = "auxiliary_pretrain"
 _STREAM_SEED_OFFSET = 3  # the seed's offset for this stage's data order (stages read independent orders)
@@ -61,7 +61,7 @@ def run(ctx: Context, start_variables: dict) -> tuple[dict, dict | None]:
         steps=stage.epochs * steps_in_epoch,
         initial_state=lambda: create_train_state(start_variables, make_optimizer(optimizer), jax.random.PRNGKey(config.seed)),
         stream=stream,
-        step_fn=runner.cached_pmap(_pmap_step, ctx.model, optimizer),
+        step_fn=runner.cached_step(_step, ctx.model, optimizer, ctx.parallel),
         eval_fn=None,
         output_step=stage.output_epoch * steps_in_epoch,
     )
@@ -69,5 +69,5 @@ def run(ctx: Context, start_variables: dict) -> tuple[dict, dict | None]:
     return {"params": state.params, "batch_stats": state.batch_stats}, result
 
 
-def _pmap_step(model, optimizer: OptimizerConfig):
-    return pmap_supervised_step(model, make_optimizer(optimizer), "auxiliary_head", AXIS)
+def _step(model, optimizer: OptimizerConfig, parallel):
+    return parallel_supervised_step(model, make_optimizer(optimizer), "auxiliary_head", parallel)

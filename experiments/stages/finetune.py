@@ -13,10 +13,10 @@ from __future__ import annotations
 import jax
 
 from experiments import runner
-from experiments.context import AXIS, Context
+from experiments.context import Context
 from fgnet_jax import data as data_lib
 from fgnet_jax.models import fresh_target_head
-from fgnet_jax.train import OptimizerConfig, create_train_state, make_optimizer, pmap_eval_step, pmap_supervised_step
+from fgnet_jax.train import OptimizerConfig, create_train_state, make_optimizer, parallel_eval_step, parallel_supervised_step
 
 NAME = "finetune"
 _STREAM_SEED_OFFSET = 2
@@ -62,13 +62,13 @@ def run(ctx: Context, start_variables: dict) -> tuple[dict, dict | None]:
         steps=stage.epochs * steps_in_epoch,
         initial_state=lambda: create_train_state(variables, make_optimizer(optimizer), jax.random.PRNGKey(config.seed)),
         stream=stream,
-        step_fn=runner.cached_pmap(_pmap_step, ctx.model, optimizer),
-        eval_fn=runner.cached_pmap(pmap_eval_step, ctx.model, AXIS),
+        step_fn=runner.cached_step(_step, ctx.model, optimizer, ctx.parallel),
+        eval_fn=runner.cached_step(parallel_eval_step, ctx.model, ctx.parallel),
         eval_every=stage.eval_every_epochs * steps_in_epoch,
     )
     state, result = runner.run_stage(ctx, spec)
     return {"params": state.params, "batch_stats": state.batch_stats}, result
 
 
-def _pmap_step(model, optimizer: OptimizerConfig):
-    return pmap_supervised_step(model, make_optimizer(optimizer), "target_head", AXIS)
+def _step(model, optimizer: OptimizerConfig, parallel):
+    return parallel_supervised_step(model, make_optimizer(optimizer), "target_head", parallel)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import jax
 
 from experiments import runner
-from experiments.context import AXIS, Context
+from experiments.context import Context
 from fgnet_jax import data as data_lib
 from fgnet_jax.models import fresh_target_head
 from fgnet_jax.train import (
@@ -34,8 +34,8 @@ from fgnet_jax.train import (
     OptimizerConfig,
     create_train_state,
     make_optimizer,
-    pmap_eval_step,
-    pmap_train_step,
+    parallel_eval_step,
+    parallel_train_step,
 )
 
 STAGES = ("meta_train", "meta_train_selected")
@@ -91,13 +91,13 @@ def run(ctx: Context, name: str, start_variables: dict, auxiliary_source) -> tup
         steps=stage.steps,
         initial_state=lambda: create_train_state(variables, make_optimizer(optimizer), jax.random.PRNGKey(config.seed)),
         stream=stream,
-        step_fn=runner.cached_pmap(_pmap_step, ctx.model, optimizer, meta_config),
-        eval_fn=runner.cached_pmap(pmap_eval_step, ctx.model, AXIS),
+        step_fn=runner.cached_step(_step, ctx.model, optimizer, meta_config, ctx.parallel),
+        eval_fn=runner.cached_step(parallel_eval_step, ctx.model, ctx.parallel),
         eval_every=stage.eval_every,
     )
     state, result = runner.run_stage(ctx, spec)
     return {"params": state.params, "batch_stats": state.batch_stats}, result
 
 
-def _pmap_step(model, optimizer: OptimizerConfig, meta_config: MetaStepConfig):
-    return pmap_train_step(model, make_optimizer(optimizer), meta_config, AXIS)
+def _step(model, optimizer: OptimizerConfig, meta_config: MetaStepConfig, parallel):
+    return parallel_train_step(model, make_optimizer(optimizer), meta_config, parallel)

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from experiments import runner
-from experiments.context import AXIS, Context
+from experiments.context import Context
 from experiments.workdir import UsageError
 from fgnet_jax import data as data_lib
 from fgnet_jax import distributed
@@ -33,8 +33,9 @@ def score_auxiliary(ctx: Context, params, batch_stats) -> tuple[list[str], np.nd
     """The authors' selection score of every auxiliary image (eval mode, centre crop)."""
     per_device = ctx.config.eval_batch // ctx.num_devices
     layout = data_lib.default_layout(per_device)
-    score_fn = runner.cached_pmap(selection_lib.pmap_score_step, ctx.model, AXIS)
-    params_r, stats_r = runner.replicate(params), runner.replicate(batch_stats)
+    parallel = ctx.parallel
+    score_fn = runner.cached_step(selection_lib.parallel_score_step, ctx.model, parallel)
+    params_r, stats_r = parallel.put_state(params), parallel.put_state(batch_stats)
     total = data_lib.num_eval_batches(len(ctx.auxiliary), layout)
     if total == 0:
         return [], np.zeros(0, np.float32)
@@ -42,7 +43,7 @@ def score_auxiliary(ctx: Context, params, batch_stats) -> tuple[list[str], np.nd
     masks: list[np.ndarray] = []
     with runner.progress("score auxiliary", total, 0, ctx.is_chief) as bar:
         for batch in data_lib.eval_stream(ctx.auxiliary, per_device_batch=per_device, image_size=ctx.config.image_size):
-            scores.append(np.asarray(score_fn(params_r, stats_r, {"image": batch["image"]})).reshape(-1))
+            scores.append(parallel.local_values(score_fn(params_r, stats_r, parallel.put_batch({"image": batch["image"]}))))
             masks.append(np.asarray(batch["mask"]).reshape(-1).astype(bool))
             bar.update(1)
     # Each process scored its slice of every global batch: gather and restore the global

@@ -51,7 +51,7 @@ class MetaFGNet(nn.Module):
       backbone_depth: ResNet depth (18, 34 or 50); the authors used 34.
       num_target_classes: ``C_t`` (e.g. 200 for CUB-200-2011).
       num_auxiliary_classes: ``C_s`` (e.g. 1000 for ImageNet).
-      axis_name: ``pmap`` axis name for synchronised BatchNorm, or ``None``.
+      axis_name: data-parallel axis name (``shard_map``/``pmap``) for synchronised BatchNorm, or ``None``.
       remat: rematerialise each residual block (see :class:`ResNet`).
       dtype: backbone compute dtype; parameters and logits stay float32.
       param_dtype: parameter dtype (float32; float64 with ``dtype=jnp.float64`` for

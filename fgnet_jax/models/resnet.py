@@ -37,7 +37,7 @@ the running statistics accumulated during training differ (by the factor
 :math:`n/(n-1)`, :math:`n` = batch x height x width); evaluation with given running
 statistics (e.g. converted weights) is identical.
 
-With ``axis_name`` set (the ``jax.pmap`` axis), batch means and mean squares are averaged
+With ``axis_name`` set (the ``jax.shard_map`` or ``jax.pmap`` axis), batch means and mean squares are averaged
 over that axis before the variance is formed, i.e. synchronised BatchNorm: the statistics
 and outputs on N devices equal those of one device holding the concatenated batch.
 """
@@ -240,7 +240,7 @@ class ResNet(nn.Module):
 
     Attributes:
       depth: 18, 34 or 50 (torchvision's), or 10 (one basic block per stage; for tests).
-      axis_name: ``None``, or the ``pmap`` axis name for synchronised BatchNorm.
+      axis_name: ``None``, or the data-parallel axis name for synchronised BatchNorm.
       remat: wrap every residual block in ``nn.remat``: its activations are recomputed in
         the backward pass instead of stored. On an H200 (ResNet-34, 224 px) this halves the
         scratch memory of a forward+backward and cuts the exact MetaFGNet step's by a third,

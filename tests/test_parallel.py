@@ -1,0 +1,206 @@
+"""Data parallelism (fgnet_jax.parallel): jit + shard_map (default) and pmap, in float64.
+
+Each step (MetaFGNet train step, supervised/fine-tune step, evaluation, selection scores) on
+4 simulated devices, on either path, must give the one-device result with the concatenated
+batch: gradients, inner gradients, losses and BatchNorm statistics averaged over the devices,
+the state left replicated. The small network of tests/small_metanet.py (ResNet basic blocks,
+synchronised BatchNorm) compiled at XLA's optimisation level 0 keeps this quick; the
+meta-gradient of every method is checked on both paths in tests/test_meta_parallel.py.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fgnet_jax.parallel import PARALLELISM, DataParallel
+from fgnet_jax.selection import parallel_score_step, score_step
+from fgnet_jax.train import (
+    MetaStepConfig,
+    OptimizerConfig,
+    create_train_state,
+    eval_step,
+    make_optimizer,
+    parallel_eval_step,
+    parallel_supervised_step,
+    parallel_train_step,
+    supervised_step,
+    train_step,
+)
+from small_metanet import SmallMetaNet, small_metanet_variables  # tests/small_metanet.py
+
+NUM_DEVICES = 4
+PER_DEVICE = 2
+IMAGE = 12
+TARGET_CLASSES, AUXILIARY_CLASSES = 5, 7
+OPTIMIZER = OptimizerConfig(backbone_lr=0.01, target_head_lr=0.1, auxiliary_head_lr=0.01, milestones=(2,))
+
+
+@pytest.fixture(autouse=True)
+def float64():
+    with jax.enable_x64(True):
+        yield
+
+
+def compile_quickly(function, *example_args):
+    return function.lower(*example_args).compile(compiler_options={"xla_backend_optimization_level": 0})
+
+
+def relative_error(actual, expected):
+    a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(actual)])
+    e = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(expected)])
+    return float(np.linalg.norm(a - e) / np.linalg.norm(e))
+
+
+def change(after, before):
+    return jax.tree_util.tree_map(lambda a, b: np.asarray(a) - np.asarray(b), after, before)
+
+
+def images(rng, shift, classes, size=NUM_DEVICES * PER_DEVICE):
+    return {"image": rng.normal(shift, 1.0, (size, IMAGE, IMAGE, 3)), "label": rng.integers(0, classes, size)}
+
+
+def meta_batch(seed=0):
+    rng = np.random.default_rng(seed)
+    return {"inner": images(rng, 0.0, TARGET_CLASSES), "outer": images(rng, 0.2, TARGET_CLASSES),
+            "auxiliary": images(rng, -0.2, AUXILIARY_CLASSES)}
+
+
+def device_layout(batch):
+    """The input pipeline's layout: [devices, per_device, ...]."""
+    return jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, PER_DEVICE, *x.shape[1:]), batch)
+
+
+@functools.lru_cache(maxsize=None)
+def model_and_variables():
+    model = SmallMetaNet(TARGET_CLASSES, AUXILIARY_CLASSES)
+    with jax.enable_x64(True):
+        return model, small_metanet_variables(model, IMAGE)
+
+
+def run_steps(kind, step_factory, state, batches):
+    """``len(batches)`` steps on one device (kind None) or 4; returns the host state and metrics."""
+    model, _ = model_and_variables()
+    if kind is None:
+        step = compile_quickly(jax.jit(step_factory(model, None)), state, batches[0])
+        metrics = []
+        for batch in batches:
+            state, m = step(state, batch)
+            metrics.append(jax.device_get(m))
+        return jax.device_get(state), metrics
+    parallel = DataParallel(kind)
+    assert parallel.num_devices == NUM_DEVICES
+    replicated = parallel.put_state(state)
+    placed = [parallel.put_batch(device_layout(b)) for b in batches]
+    step = compile_quickly(step_factory(model.clone(axis_name="batch"), parallel), replicated, placed[0])
+    metrics = []
+    for batch in placed:
+        replicated, m = step(replicated, batch)
+        metrics.append(parallel.host_values(m))
+    return parallel.host_state(replicated), metrics
+
+
+def assert_same_run(actual, expected, initial, tolerance=1e-9):
+    (state, metrics), (expected_state, expected_metrics) = actual, expected
+    # Compare the *changes* (the values themselves are dominated by their initial values).
+    assert relative_error(change(state.params, initial.params), change(expected_state.params, initial.params)) < tolerance
+    assert relative_error(change(state.batch_stats, initial.batch_stats),
+                          change(expected_state.batch_stats, initial.batch_stats)) < tolerance
+    assert relative_error(state.opt_state, expected_state.opt_state) < tolerance
+    assert int(state.step) == int(expected_state.step)
+    for m, e in zip(metrics, expected_metrics):
+        assert m.keys() == e.keys()
+        for key in e:
+            np.testing.assert_allclose(m[key], e[key], rtol=tolerance, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.parametrize("method", ["exact", "first_order"])
+def test_train_step_on_four_devices_equals_one_device_on_both_paths(method):
+    """Two MetaFGNet iterations (the second at the decayed rate's neighbour, with momentum):
+    shard_map and pmap on 4 devices each equal one device with the concatenated batches, and
+    so each other."""
+    model, variables = model_and_variables()
+    config = MetaStepConfig(method=method, inner_lr=0.05, milestones=(0,))
+    tx = make_optimizer(OPTIMIZER)
+    initial = create_train_state(jax.tree_util.tree_map(jnp.asarray, variables), tx, jax.random.PRNGKey(1))
+    batches = [meta_batch(0), meta_batch(1)]
+
+    def factory(model, parallel):
+        if parallel is None:
+            return functools.partial(train_step, model=model, tx=tx, config=config)
+        return parallel_train_step(model, tx, config, parallel)
+
+    expected = run_steps(None, factory, initial, batches)
+    runs = {kind: run_steps(kind, factory, initial, batches) for kind in PARALLELISM}
+    for kind in PARALLELISM:
+        assert_same_run(runs[kind], expected, initial)
+    assert_same_run(runs["shard_map"], runs["pmap"], initial)
+
+
+@pytest.mark.parametrize("kind", PARALLELISM)
+def test_supervised_step_on_four_devices_equals_one_device(kind):
+    model, variables = model_and_variables()
+    tx = make_optimizer(OptimizerConfig(backbone_lr=0.05, target_head_lr=0.3, auxiliary_head_lr=None))
+    initial = create_train_state(jax.tree_util.tree_map(jnp.asarray, variables), tx, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(3)
+    batches = [images(rng, 0.1, TARGET_CLASSES) for _ in range(2)]
+
+    def factory(model, parallel):
+        if parallel is None:
+            return functools.partial(supervised_step, model=model, tx=tx, head="target_head")
+        return parallel_supervised_step(model, tx, "target_head", parallel)
+
+    assert_same_run(run_steps(kind, factory, initial, batches), run_steps(None, factory, initial, batches), initial)
+
+
+@pytest.mark.parametrize("kind", PARALLELISM)
+def test_eval_and_score_steps_on_four_devices_equal_one_device(kind):
+    model, variables = model_and_variables()
+    rng = np.random.default_rng(4)
+    batch = dict(images(rng, 0.0, TARGET_CLASSES), mask=np.array([1, 1, 1, 0, 1, 1, 0, 1], np.float64))
+    params, stats = variables["params"], variables["batch_stats"]
+    expected_sums = jax.jit(functools.partial(eval_step, model=model))(params, stats, batch)
+    expected_scores = jax.jit(functools.partial(score_step, model=model))(params, stats, {"image": batch["image"]})
+
+    parallel = DataParallel(kind)
+    synced = model.clone(axis_name="batch")
+    params_r, stats_r = parallel.put_state(params), parallel.put_state(stats)
+    sums = parallel.host_values(parallel_eval_step(synced, parallel)(params_r, stats_r,
+                                                                     parallel.put_batch(device_layout(batch))))
+    assert sums.keys() == expected_sums.keys()
+    for key in expected_sums:
+        np.testing.assert_allclose(sums[key], expected_sums[key], rtol=1e-12, err_msg=key)
+    assert float(sums["count"]) == 6.0
+    scores = parallel_score_step(synced, parallel)(params_r, stats_r, parallel.put_batch(device_layout({"image": batch["image"]})))
+    np.testing.assert_allclose(parallel.local_values(scores), expected_scores, rtol=1e-12)
+
+
+def test_state_round_trips_through_both_placements():
+    _, variables = model_and_variables()
+    for kind in PARALLELISM:
+        parallel = DataParallel(kind)
+        placed = parallel.put_state(variables)
+        if kind == "shard_map":
+            leaf = jax.tree_util.tree_leaves(placed)[0]
+            assert leaf.sharding.is_fully_replicated and len(leaf.sharding.device_set) == NUM_DEVICES
+        back = parallel.host_state(placed)
+        for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(variables)):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_bad_parallelism_and_batches_fail_with_one_line():
+    with pytest.raises(ValueError, match=r"parallelism='vmap': choose one of shard_map, pmap") as error:
+        DataParallel("vmap")
+    assert "\n" not in str(error.value)
+    model, variables = model_and_variables()
+    step = parallel_eval_step(model.clone(axis_name="batch"), DataParallel("shard_map"))
+    rng = np.random.default_rng(0)
+    odd = images(rng, 0.0, TARGET_CLASSES, size=6)
+    with pytest.raises(ValueError, match="global batch of 6 does not divide over 4 devices: use a batch size that is a "
+                                         "multiple of 4"):
+        step(variables["params"], variables["batch_stats"], odd)
+    pmapped = parallel_eval_step(model.clone(axis_name="batch"), DataParallel("pmap"))
+    with pytest.raises(ValueError, match=r"pmap batch leaves need a leading axis of 4 local devices"):
+        pmapped(variables["params"], variables["batch_stats"], images(rng, 0.0, TARGET_CLASSES))
