@@ -45,7 +45,10 @@ if __name__ == "__main__" and not _CONFIG_GIVEN:
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from experiments import cub_200  # noqa: E402  (its flags: --config, --compilation_cache, --cpu_convolutions, ...)
+if __name__ == "__main__":
+    # Its flags (--config, --compilation_cache, --cpu_convolutions, ...) are the study's; imported
+    # only for the command line (defining --config loads the config file at import).
+    from experiments import cub_200  # noqa: E402
 
 VARIANTS = ("finetune_only", "joint", "first_order", "exact", "exact_selection")
 DESCRIPTIONS = {
@@ -308,6 +311,8 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
 
     os.makedirs(root, exist_ok=True)
     if demo:
+        from experiments import cub_200
+
         cub_200.use_demo_data(base_config, root)  # one data set for every run
         if not report_only:
             cub_200.write_demo_data(base_config)
