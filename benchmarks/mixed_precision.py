@@ -78,10 +78,16 @@ def trained_problem(workdir, stage, batch, seed):
 
     with open(os.path.join(workdir, "config.json")) as handle:
         config = ml_collections.ConfigDict(json.load(handle))
-    latest = os.path.join(os.path.abspath(workdir), stage, "latest")
-    step = max(int(name) for name in os.listdir(latest) if name.isdigit())
+    # A finished stage keeps only its output checkpoint (best/ or pinned/); a running one has latest/.
+    for kind in ("latest", "best", "pinned"):
+        folder = os.path.join(os.path.abspath(workdir), stage, kind)
+        steps = [int(name) for name in os.listdir(folder) if name.isdigit()] if os.path.isdir(folder) else []
+        if steps:
+            break
+    else:
+        raise SystemExit(f"{workdir}/{stage} holds no checkpoint (latest/, best/ or pinned/): run the demo there first")
     with ocp.StandardCheckpointer() as checkpointer:
-        state = checkpointer.restore(os.path.join(latest, str(step), "state"))
+        state = checkpointer.restore(os.path.join(folder, str(max(steps)), "state"))
     variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
     target, auxiliary = _load_data(config, workdir)
     pair = next(data_lib.meta_train_stream(target.train, auxiliary, seed=seed, per_device_batch=batch,
