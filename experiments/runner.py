@@ -270,10 +270,10 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
         write_json_atomic(result_path, result)
     distributed.barrier(f"{spec.name}: complete")
     output = _stage_output(checkpointer, template, spec)
-    if spec.output_step is not None or checkpointer.best_step() is not None:
+    if not ctx.config.keep_periodic_checkpoints and (spec.output_step is not None
+                                                     or checkpointer.best_step() is not None):
         # Complete (result.json written first): a rerun reads only the output checkpoint.
-        if ctx.is_chief:
-            checkpointer.discard_latest()
+        checkpointer.discard_latest(remove_files=ctx.is_chief)
         distributed.barrier(f"{spec.name}: periodic checkpoints removed")
     return output, result
 

@@ -139,12 +139,17 @@ class StageCheckpointer:
     def restore_best(self, template: PyTree) -> tuple[PyTree, dict]:
         return self._restore(self._best, self._best.best_step(), template)
 
-    def discard_latest(self) -> None:
+    def discard_latest(self, remove_files: bool = True) -> None:
         """Delete the periodic checkpoints (a complete stage whose output is its best or pinned
-        checkpoint no longer needs them)."""
+        checkpoint no longer needs them).
+
+        With several processes every process must call this (Orbax opens a manager
+        collectively); only one of them, ``remove_files=True``, deletes the folder.
+        """
         directory = self._latest.directory
         self._latest.close()
-        shutil.rmtree(directory, ignore_errors=True)
+        if remove_files:
+            shutil.rmtree(directory, ignore_errors=True)
         self._latest = _manager(os.fspath(directory), self._keep, best=False)
 
     @staticmethod

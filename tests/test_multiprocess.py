@@ -47,6 +47,7 @@ TINY = [
     "--config.meta_train.eval_every=2",
     "--config.meta_train_selected.eval_every=2",
     "--config.checkpoint_every=1",
+    "--config.keep_periodic_checkpoints=True",  # the tests read and resume from stage 2's periodic checkpoints
     "--config.keep_checkpoints=3",
 ]
 

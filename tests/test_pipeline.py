@@ -35,6 +35,8 @@ def tiny_config(root):
     config.manual_dir = str(root / "manual")
     config.auxiliary.folder = str(root / "auxiliary")
     config.validation_fraction = 0.25
+    config.keep_periodic_checkpoints = True  # the resume tests restart finished stages from inside
+    config.keep_checkpoints = 2  # step 2 of a 4-step stage survives, to resume from
     config.target_batch = 4
     config.auxiliary_batch = 4
     config.eval_batch = 8

@@ -153,4 +153,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.log_every = 50
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
+    # A complete stage keeps only its output (best or pinned) checkpoint; True keeps its last
+    # keep_checkpoints periodic ones too (to restart a finished stage from inside it).
+    config.keep_periodic_checkpoints = False
     return config
