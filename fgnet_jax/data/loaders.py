@@ -142,11 +142,15 @@ def require_target_files(name: str, *, data_dir=None, manual_dir=None) -> None:
     about the target dataset (and the demo), not about another setting."""
     if name not in SPECS:
         return
-    spec = SPECS[name]
     data_dir = default_data_dir(data_dir)
     if find_prepared(data_dir, name) is not None:
         return
-    manual = _manual_dir(data_dir, manual_dir)
+    _require_manual_files(name, data_dir, _manual_dir(data_dir, manual_dir))
+
+
+def _require_manual_files(name: str, data_dir: Path, manual: Path) -> None:
+    """DatasetNotFoundError (where to put which file) unless ``name``'s manual files are in ``manual``."""
+    spec = SPECS[name]
     if name == "cub_200_2011":
         try:
             cub.locate_cub(manual)
@@ -176,14 +180,11 @@ def prepare_tfds(
     if prepared is not None:
         return prepared
     manual = _manual_dir(data_dir, manual_dir)
+    _require_manual_files(name, data_dir, manual)
     if name == "cub_200_2011":
-        try:
-            cub.locate_cub(manual)
-        except DatasetNotFoundError:
-            raise DatasetNotFoundError(_not_found_message(spec, data_dir, manual)) from None
         builder = cub.Cub2002011(data_dir=os.fspath(data_dir), file_format="array_record", on_corrupt=on_corrupt)
     else:
-        if not spec.manual_files or not all((manual / f).exists() for f in spec.manual_files):
+        if not spec.manual_files:  # nothing to build from: TFDS would download
             raise DatasetNotFoundError(_not_found_message(spec, data_dir, manual))
         builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
     log.info("preparing %s in %s from %s", name, data_dir, manual)
