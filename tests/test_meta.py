@@ -11,11 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
-from meta_problems import adapted_outer_loss, make_problem, relative_error, scalar
+from meta_problems import adapted_outer_loss, fast_compile_jit, make_problem, relative_error, scalar
 
 from fgnet_jax.meta import METHODS, inner_adapt, meta_value_and_grad
 
 EXACT_METHODS = ("exact", "hvp_vjp", "hvp_jvp")
+
+
+def compiled(function, loss_fn, params, inner, *rest, **kwargs):
+    """``function(loss_fn, params, inner, *rest, **kwargs)`` as one compiled program. Called
+    eagerly, JAX would dispatch (and the first time compile) every primitive on its own, several
+    times slower for these small problems; the eager path is tested in tests/test_meta_inner.py
+    (non-differentiable leaves) and test_float32_params_stay_float32_with_float64_rate below."""
+    return fast_compile_jit(lambda p, i, *r: function(loss_fn, p, i, *r, **kwargs))(params, inner, *rest)
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +36,9 @@ def float64():
 def test_exact_methods_agree_to_round_off(inner_steps):
     loss_fn, params, inner, outer = make_problem()
     results = {
-        method: meta_value_and_grad(
-            loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=inner_steps, has_aux=True
+        method: compiled(
+            meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=inner_steps,
+            has_aux=True
         )
         for method in EXACT_METHODS
     }
@@ -58,7 +67,8 @@ def test_exact_methods_match_central_finite_differences(inner_steps):
 
     finite_difference_grad = jax.vmap(central_difference)(jnp.eye(flat_params.size))
     for method in EXACT_METHODS:
-        _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=lr, method=method, inner_steps=inner_steps)
+        _, grads = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=lr, method=method,
+                            inner_steps=inner_steps)
         assert relative_error(ravel_pytree(grads)[0], finite_difference_grad) <= 1e-6, method
 
 
@@ -81,7 +91,8 @@ def test_exact_methods_match_explicit_hessian_formula(inner_steps):
         explicit = (identity - lr * jax.hessian(flat_inner_loss)(theta_k)) @ explicit
 
     for method in EXACT_METHODS:
-        _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=lr, method=method, inner_steps=inner_steps)
+        _, grads = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=lr, method=method,
+                            inner_steps=inner_steps)
         assert relative_error(ravel_pytree(grads)[0], explicit) <= 1e-10, method
 
 
@@ -95,10 +106,11 @@ def test_first_order_is_outer_gradient_at_adapted_params(inner_steps):
         theta = jax.tree_util.tree_map(lambda p, g: p - lr * g, theta, jax.grad(loss_fn)(theta, inner))
     expected_loss, expected_grad = jax.value_and_grad(loss_fn)(theta, outer)
 
-    loss, first_order = meta_value_and_grad(
-        loss_fn, params, inner, outer, inner_lr=lr, method="first_order", inner_steps=inner_steps
+    loss, first_order = compiled(
+        meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=lr, method="first_order", inner_steps=inner_steps
     )
-    _, exact = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=lr, method="exact", inner_steps=inner_steps)
+    _, exact = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=lr, method="exact",
+                        inner_steps=inner_steps)
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
     assert relative_error(first_order, expected_grad) <= 1e-12
     # The dropped second-order term is not negligible at this step size.
@@ -111,17 +123,17 @@ def test_inner_adapt_matches_hand_written_update():
     expected = params
     for _ in range(3):
         expected = jax.tree_util.tree_map(lambda p, g: p - 0.2 * g, expected, jax.grad(loss_fn)(expected, inner))
-    adapted = inner_adapt(loss_with_aux, params, inner, inner_lr=0.2, inner_steps=3, has_aux=True)
+    adapted = compiled(inner_adapt, loss_with_aux, params, inner, inner_lr=0.2, inner_steps=3, has_aux=True)
     assert relative_error(adapted, expected) <= 1e-13
 
 
 def test_has_aux_returns_outer_step_aux():
     loss_fn, params, inner, outer = make_problem(seed=5)
-    adapted = inner_adapt(loss_fn, params, inner, inner_lr=0.3, inner_steps=2, has_aux=True)
+    adapted = compiled(inner_adapt, loss_fn, params, inner, inner_lr=0.3, inner_steps=2, has_aux=True)
     expected_loss, expected_stats = loss_fn(adapted, outer)
     for method in METHODS:
-        (loss, stats), _ = meta_value_and_grad(
-            loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2, has_aux=True
+        (loss, stats), _ = compiled(
+            meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2, has_aux=True
         )
         np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
         assert relative_error(stats, expected_stats) <= 1e-12, method
@@ -150,7 +162,7 @@ def test_per_parameter_inner_lr_equals_grad_through_update(method):
         return jax.grad(loss_fn)(jax.tree_util.tree_map(lambda p, a, gi: p - a * gi, theta, inner_lr, g), outer)
 
     expected = first_order_reference(params) if method == "first_order" else jax.grad(outer_after_meta_sgd_step)(params)
-    _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=inner_lr, method=method)
+    _, grads = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=inner_lr, method=method)
     assert relative_error(grads, expected) <= 1e-10
 
 
@@ -170,7 +182,8 @@ def test_jit_with_traced_inner_lr_and_vmap_over_tasks(method):
     batched = jax.vmap(step, in_axes=(None, 0, 0, None))
     losses, grads = batched(params, inner_batches, outer_batches, 0.25)
     for t, (inner, outer) in enumerate(tasks):
-        loss_t, grads_t = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=0.25, method=method, inner_steps=2)
+        loss_t, grads_t = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=0.25, method=method,
+                                   inner_steps=2)
         np.testing.assert_allclose(losses[t], loss_t, rtol=1e-12)
         assert relative_error(jax.tree_util.tree_map(lambda x: x[t], grads), grads_t) <= 1e-12
 

@@ -28,6 +28,10 @@ STEPS = 3
 # such a crossing is ~1e9 times less likely, so the runs agree to round-off.
 TINY = [
     "--config.model.dtype=float64",
+    # The cheapest meta-gradient to compile: what is under test here is the distributed plumbing
+    # (global batches, cross-process all-reduces, checkpoints, selection), the same for every
+    # method; the methods' N-device == 1-device equality is tests/test_parallel.py's.
+    "--config.meta.method=first_order",
     "--config.auxiliary_pretrain.epochs=0",
     f"--config.meta_train.steps={STEPS}",
     "--config.meta_train.milestones=()",

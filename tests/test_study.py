@@ -18,9 +18,15 @@ CHANCE = 1 / 4
 
 def study_config(root):
     """tests/test_pipeline.py's tiny config with a longer fine-tuning (20 steps instead of 4),
-    enough for every variant to learn these 4 classes; the compiled steps are the same."""
+    enough for every variant to learn these 4 classes; the compiled steps are the same. Fewer
+    checkpoints, evaluations and log lines than the pipeline tests need: the study reads only
+    each run's summary."""
     config = tiny_config(root)
     config.finetune.epochs = 10
+    config.finetune.eval_every_epochs = 5
+    config.keep_periodic_checkpoints = False
+    config.checkpoint_every = 1000
+    config.log_every = 10
     return config
 
 
