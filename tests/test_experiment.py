@@ -146,9 +146,9 @@ def _wait_for_checkpoint(process, checkpoint_dir, at_least, timeout=600):
 
 
 def test_sigterm_then_kill_minus_nine_then_resume_matches_uninterrupted(reference_run):
-    """Stopped twice: SIGTERM in meta-training (checkpoint, exit 130 at once: the input stream's
-    prefetch threads are stopped, so the process does not hang at exit), then kill -9 in
-    fine-tuning; the third run resumes and ends with the uninterrupted run's parameters."""
+    """Stopped twice: SIGTERM in meta-training (checkpoint, then exit 130 within the timeout: a
+    process that hung at exit would fail here), then kill -9 in fine-tuning; the third run
+    resumes and ends with the uninterrupted run's parameters."""
     base, reference, cache, _, _ = reference_run
     workdir = base / "interrupted"
     process = run_demo(workdir, cache, wait=False)

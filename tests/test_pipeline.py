@@ -156,7 +156,7 @@ def test_stage_two_starts_from_stage_one_output_epoch(uninterrupted):
     # keep_periodic_checkpoints=True (tiny_config) keeps a complete stage's periodic checkpoints;
     # the default deletes them (tests/test_experiment.py). The output is the pinned weights alone.
     latest = workdir / "auxiliary_pretrain" / "latest"
-    assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit())[-1] == 6
+    assert max(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == 6
     pinned = StageCheckpointer(str(workdir / "auxiliary_pretrain"))._pinned_manager().item_metadata(3)["state"]
     assert set(pinned.keys()) == {"step", "params", "batch_stats"}
     # Stage 1 trained the auxiliary head and never touched the target head.
