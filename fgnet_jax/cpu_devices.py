@@ -51,14 +51,18 @@ def use_cpu_convolutions(kind: str) -> bool:
     0.68 -> 0.56 s, exact (hvp_jvp) 1.25 -> 0.99 s; ``benchmarks/NOTES.md``). ``"eigen"`` sets the
     flag that does this; ``"ynnpack"`` leaves jaxlib's default. Returns whether a flag was
     set: nothing is set on a jaxlib that does not know the flag, nor where ``XLA_FLAGS``
-    already chooses (the user's setting wins). GPU and TPU programs are unaffected.
+    already chooses (the user's setting wins). GPU and TPU programs are unaffected. After
+    ``import jax`` the call is refused unless ``XLA_FLAGS`` already holds what it asks for.
     """
     if kind not in CPU_CONVOLUTIONS:
         raise ValueError(f"unknown CPU convolution kernels {kind!r}; choose one of {', '.join(CPU_CONVOLUTIONS)}")
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    chosen = [f for f in flags if f.startswith(_YNN_FUSION_FLAG)]
+    if chosen == ([_EIGEN_CONVOLUTIONS] if kind == "eigen" else []):
+        return False  # already in effect (e.g. a process that set it before importing jax calls again)
     if "jax" in sys.modules:
         raise RuntimeError("use_cpu_convolutions must be called before jax is imported")
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    if kind == "ynnpack" or any(f.startswith(_YNN_FUSION_FLAG) for f in flags):
+    if kind == "ynnpack" or chosen:
         return False
     try:
         from importlib.metadata import version

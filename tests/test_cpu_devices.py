@@ -7,7 +7,6 @@ test process already started JAX (with the suite's settings from conftest.py).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from child_env import child_env, user_xla_flags  # tests/child_env.py
 from fgnet_jax.cpu_devices import use_cpu_convolutions
 
 # A ResNet-shaped convolution stack and its gradient and forward-over-reverse HVP; printed as
@@ -46,23 +46,32 @@ _PROGRAM = textwrap.dedent(
 )
 
 
-def _run(kind: str, xla_flags: str = "") -> dict:
-    env = {**os.environ, "XLA_FLAGS": xla_flags}
-    env.pop("NPROC", None)
-    result = subprocess.run([sys.executable, "-c", _PROGRAM, kind], env=env, capture_output=True, text=True,
-                            timeout=300, check=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+USERS_OWN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=reduce"
 
 
 @pytest.fixture(scope="module")
-def both_kernels():
-    return _run("eigen"), _run("ynnpack")
+def runs():
+    """The program under each setting, in three interpreters started together (each mostly
+    imports JAX: side by side they share the machine's cores)."""
+    settings = {"eigen": ("eigen", ""), "ynnpack": ("ynnpack", ""), "users_own": ("eigen", USERS_OWN_FLAG)}
+    processes = {}
+    for name, (kind, xla_flags) in settings.items():
+        env = child_env(xla_flags)  # the flags the suite was started with, and this setting's
+        processes[name] = subprocess.Popen([sys.executable, "-c", _PROGRAM, kind], env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+        results[name] = json.loads(stdout.strip().splitlines()[-1])
+    return results
 
 
-def test_eigen_and_ynnpack_convolutions_agree_in_value_gradient_and_hvp(both_kernels):
-    eigen, ynnpack = both_kernels
+@pytest.mark.slow
+def test_eigen_and_ynnpack_convolutions_agree_in_value_gradient_and_hvp(runs):
+    eigen, ynnpack = runs["eigen"], runs["ynnpack"]
     assert eigen["applied"] and "-individual_convolution" in eigen["xla_flags"]
-    assert not ynnpack["applied"] and ynnpack["xla_flags"] == ""
+    assert not ynnpack["applied"] and ynnpack["xla_flags"] == user_xla_flags()
     np.testing.assert_allclose(eigen["value"], ynnpack["value"], rtol=1e-5)
     for name in ("gradient", "hvp"):
         for a, b in zip(eigen[name], ynnpack[name], strict=True):
@@ -70,18 +79,24 @@ def test_eigen_and_ynnpack_convolutions_agree_in_value_gradient_and_hvp(both_ker
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.max(np.abs(b)))
 
 
-def test_a_users_own_xla_flag_wins():
-    own = "--xla_cpu_experimental_ynn_fusion_type=reduce"
-    result = _run("eigen", own)
-    assert not result["applied"]
-    assert result["xla_flags"] == own
+@pytest.mark.slow
+def test_a_users_own_xla_flag_wins(runs):
+    assert not runs["users_own"]["applied"]
+    assert runs["users_own"]["xla_flags"] == " ".join(f for f in (user_xla_flags(), USERS_OWN_FLAG) if f)
 
 
-def test_bad_kind_and_late_call_are_refused():
+def test_bad_kind_and_late_call_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="unknown CPU convolution kernels"):
         use_cpu_convolutions("mkl")
-    # This test process imported JAX long ago (conftest + other tests).
+    # This test process imported JAX long ago (conftest + other tests): a call that would change
+    # XLA_FLAGS now is refused; one asking for what XLA_FLAGS already holds changes nothing.
     import jax  # noqa: F401
 
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution")
+    assert use_cpu_convolutions("eigen") is False
+    with pytest.raises(RuntimeError, match="before jax is imported"):
+        use_cpu_convolutions("ynnpack")
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert use_cpu_convolutions("ynnpack") is False
     with pytest.raises(RuntimeError, match="before jax is imported"):
         use_cpu_convolutions("eigen")
