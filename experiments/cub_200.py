@@ -33,12 +33,14 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "cub_200.py
 _DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.py")
 
 
-def _with_demo_config(argv: list[str]) -> list[str]:
-    """``--demo`` without ``--config`` selects the demo config (before absl parses the flags)."""
+def _named_config(argv: list[str]) -> list[str]:
+    """``argv`` with the config file named before any ``--config.KEY`` override: ``--demo``
+    without ``--config`` selects the demo config, no ``--config`` at all the default one
+    (config_flags defines the override flags when it parses ``--config``)."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
     demo = any(a in ("--demo", "--demo=true", "--demo=True") for a in argv)
-    has_config = any(a == "--config" or a.startswith("--config=") for a in argv)
-    # Before any --config.KEY=VALUE override: those apply to the config file named first.
-    return [argv[0], f"--config={_DEMO_CONFIG}", *argv[1:]] if demo and not has_config else argv
+    return [argv[0], f"--config={_DEMO_CONFIG if demo else _DEFAULT_CONFIG}", *argv[1:]]
 
 
 def _check_override_keys(argv: list[str]) -> None:
@@ -46,14 +48,15 @@ def _check_override_keys(argv: list[str]) -> None:
     (config_flags would raise with a traceback)."""
     import importlib.util
 
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _DEFAULT_CONFIG)
+    value = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), _DEFAULT_CONFIG)
+    path, has_argument, argument = value.partition(":")  # config_flags' FILE:ARGUMENT form
     if not os.path.exists(path):
-        print(f"error: --config={path}: no such file", file=sys.stderr)
+        print(f"error: --config={value}: no such file", file=sys.stderr)
         sys.exit(2)
     spec = importlib.util.spec_from_file_location("_fgnet_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config()
+    config = module.get_config(argument) if has_argument else module.get_config()
     for argument in argv:
         if not argument.startswith("--config."):
             continue
@@ -68,8 +71,9 @@ def _check_override_keys(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    # config_flags reads sys.argv when the flag is defined, so the demo config is named first.
-    sys.argv[:] = _with_demo_config(sys.argv)
+    # config_flags parses --config (and defines its overrides from sys.argv) when the flag is
+    # defined below: the config is named, and unknown keys refused, before that.
+    sys.argv[:] = _named_config(sys.argv)
     _check_override_keys(sys.argv)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, selection and summary.")
@@ -175,6 +179,11 @@ def main(argv) -> None:
     if _DEMO.value:
         use_demo_data(config, workdir)
 
+    try:  # every process runs the same config on the same topology (checked before the slow imports below)
+        distributed.check_agreement(config, {"workdir": workdir})
+    except distributed.DistributedError as error:
+        _fail(str(error))
+
     # Imported here: JAX must not start before --simulate_cpu_devices/--cpu_convolutions are applied.
     import jax
 
@@ -182,10 +191,6 @@ def main(argv) -> None:
     from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError, require_target_files
 
     try:
-        try:  # every process runs the same config on the same topology
-            distributed.check_agreement(config, {"workdir": workdir})
-        except distributed.DistributedError as error:
-            raise pipeline.UsageError(str(error)) from None
         if not _DEMO.value:  # no data at all: say first where the target dataset goes (and --demo)
             require_target_files(config.dataset, data_dir=config.data_dir or None,
                                  manual_dir=config.manual_dir or None)
@@ -212,5 +217,25 @@ def main(argv) -> None:
     print(f"summary: {os.path.join(workdir, 'summary.json')}  curves: {os.path.join(workdir, 'curves.png')}")
 
 
+def command_line(argv: list[str]) -> None:
+    """Run ``python -m experiments.cub_200 ARGS`` as ``command_line(["cub_200", *ARGS])``; ends
+    with SystemExit carrying the exit code (0, 2 for a usage error, 3 for a non-finite loss,
+    130 when interrupted).
+
+    Also callable in a process that is already running (the tests check the usage errors
+    in-process): the flags of an earlier call are reset first. JAX may already be imported
+    there, if its CPU settings are the ones asked for (see fgnet_jax.cpu_devices)."""
+    argv = _named_config(list(argv))
+    _check_override_keys(argv)
+    flags.FLAGS.unparse_flags()
+    for name in [name for name in flags.FLAGS if name.startswith("config.")]:
+        delattr(flags.FLAGS, name)  # an earlier parse's --config.KEY flags; parsing --config defines them anew
+    saved_argv, sys.argv = sys.argv, argv  # config_flags reads the overrides from sys.argv
+    try:
+        app.run(main, argv=argv)
+    finally:
+        sys.argv = saved_argv
+
+
 if __name__ == "__main__":
-    app.run(main)
+    command_line(sys.argv)
