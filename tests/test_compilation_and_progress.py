@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from experiments import runner
 from experiments.compilation import CompileCounter
@@ -50,6 +51,7 @@ def test_counter_counts_one_compilation_per_shape():
     assert counter.by_name().get("double") == 2 and counter.compiled >= 2
 
 
+@pytest.mark.slow
 def test_persistent_cache_makes_a_rerun_compile_nothing(tmp_path):
     first = _run_program(tmp_path / "cache")
     assert first["compiled"] >= 1 and first["cache_hits"] == 0

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tiers import fast_subset  # tests/tiers.py
+
 from fgnet_jax import convert
 from fgnet_jax.models import MetaFGNet, ResNet
 
@@ -76,7 +78,7 @@ def _flax_eval(depth, variables, images_nchw, num_classes):
     return np.asarray(features), np.asarray(logits)
 
 
-@pytest.mark.parametrize("depth", [18, 34, 50])
+@pytest.mark.parametrize("depth", fast_subset([18, 34, 50], fast=[18]))
 def test_converted_torchvision_weights_reproduce_pytorch_eval_logits(depth):
     torch = pytest.importorskip("torch")
     torch.manual_seed(depth)

@@ -25,6 +25,7 @@ def fast_run(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["exact", "first_order"])
 @pytest.mark.parametrize("steps", [1, 10])
+@pytest.mark.slow
 def test_meta_training_learns(fast_run, method, steps):
     """After meta-training, adaptation on 10 points of a new task reaches a held-out MSE well
     below what the same adaptation reaches from the initialisation (about 4.3, the mean of A^2/2:
@@ -38,6 +39,7 @@ def test_meta_training_learns(fast_run, method, steps):
     )
 
 
+@pytest.mark.slow
 def test_results_json(fast_run):
     results, outdir = fast_run
     with open(outdir / "results.json") as f:
@@ -71,6 +73,7 @@ def test_results_json(fast_run):
         assert all(len(values) == len(example["grid_x"]) for values in predictions.values())
 
 
+@pytest.mark.slow
 def test_table_and_plot(fast_run):
     results, outdir = fast_run
     table = (outdir / "results.md").read_text()

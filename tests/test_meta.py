@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 from meta_problems import adapted_outer_loss, fast_compile_jit, make_problem, relative_error, scalar
+from tiers import fast_subset
 
 from fgnet_jax.meta import METHODS, inner_adapt, meta_value_and_grad
+
 
 EXACT_METHODS = ("exact", "hvp_vjp", "hvp_jvp")
 
@@ -32,7 +34,7 @@ def float64():
         yield
 
 
-@pytest.mark.parametrize("inner_steps", [1, 2, 3])
+@pytest.mark.parametrize("inner_steps", fast_subset([1, 2, 3], fast=[1]))
 def test_exact_methods_agree_to_round_off(inner_steps):
     loss_fn, params, inner, outer = make_problem()
     results = {
@@ -50,7 +52,7 @@ def test_exact_methods_agree_to_round_off(inner_steps):
         assert relative_error(stats, reference_stats) <= 1e-12
 
 
-@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("inner_steps", fast_subset([1, 2], fast=[1]))
 def test_exact_methods_match_central_finite_differences(inner_steps):
     loss_with_aux, params, inner, outer = make_problem(seed=1)
     loss_fn = scalar(loss_with_aux)
@@ -72,6 +74,7 @@ def test_exact_methods_match_central_finite_differences(inner_steps):
         assert relative_error(ravel_pytree(grads)[0], finite_difference_grad) <= 1e-6, method
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("inner_steps", [1, 2])
 def test_exact_methods_match_explicit_hessian_formula(inner_steps):
     """grad = (I - lr H_0)(I - lr H_1)...(I - lr H_{K-1}) G with dense Hessians."""
@@ -96,7 +99,7 @@ def test_exact_methods_match_explicit_hessian_formula(inner_steps):
         assert relative_error(ravel_pytree(grads)[0], explicit) <= 1e-10, method
 
 
-@pytest.mark.parametrize("inner_steps", [1, 2])
+@pytest.mark.parametrize("inner_steps", fast_subset([1, 2], fast=[1]))
 def test_first_order_is_outer_gradient_at_adapted_params(inner_steps):
     loss_with_aux, params, inner, outer = make_problem(seed=3)
     loss_fn = scalar(loss_with_aux)
@@ -141,7 +144,7 @@ def test_has_aux_returns_outer_step_aux():
         assert relative_error(stats, loss_fn(adapted, inner)[1]) > 1e-2
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", fast_subset(METHODS, fast=["hvp_jvp", "hvp_vjp", "first_order"]))
 def test_per_parameter_inner_lr_equals_grad_through_update(method):
     """Meta-SGD: theta' = theta - alpha * grad L_i; the second-order term is H (alpha * G)."""
     loss_with_aux, params, inner, outer = make_problem(seed=6)
@@ -166,7 +169,7 @@ def test_per_parameter_inner_lr_equals_grad_through_update(method):
     assert relative_error(grads, expected) <= 1e-10
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", fast_subset(METHODS, fast=["hvp_jvp", "first_order"]))
 def test_jit_with_traced_inner_lr_and_vmap_over_tasks(method):
     loss_with_aux, params, _, _ = make_problem(seed=9)
     loss_fn = scalar(loss_with_aux)

@@ -14,6 +14,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 from meta_problems import fast_compile_jit, make_problem, relative_error, scalar, take_step_batch
+from tiers import fast_subset
 
 from fgnet_jax.meta import (
     METHODS,
@@ -140,7 +141,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("optimizer, steps, per_step_batches, remat, unroll", CASES)
+# The fast tier: two optimisers, per-step batches and the rolled loop among them (per-step rates:
+# test_gradient_with_respect_to_learned_rates).
+FAST_CASES = [("adam", 1, False, False, None), ("per_parameter", 2, True, False, False)]
+
+
+@pytest.mark.parametrize("optimizer, steps, per_step_batches, remat, unroll",
+                         fast_subset(CASES, fast=FAST_CASES, tuples=True))
 def test_inner_optimizers_match_grad_through_the_unrolled_loop(optimizer, steps, per_step_batches, remat, unroll):
     loss_with_aux, params, inner, outer = make_problem(seed=11, inner_steps=steps if per_step_batches else None)
     loss_fn = scalar(loss_with_aux)
@@ -166,8 +173,9 @@ def test_inner_optimizers_match_grad_through_the_unrolled_loop(optimizer, steps,
     assert relative_error(results["first_order"][1], results["exact"][1]) > 1e-3
 
 
-@pytest.mark.parametrize("remat", [False, True])
-@pytest.mark.parametrize("optimizer", ("per_parameter", "per_step", "adam_learning_rate"))
+@pytest.mark.parametrize("optimizer, remat", fast_subset(
+    [(optimizer, remat) for optimizer in ("per_parameter", "per_step", "adam_learning_rate") for remat in (False, True)],
+    fast=[("per_parameter", False), ("per_step", True)], tuples=True))
 def test_gradient_with_respect_to_learned_rates(optimizer, remat):
     """Meta-SGD, MAML++ per-step rates and Adam's injected learning rate: the meta-gradient
     with respect to the optimiser's state equals jax.grad through the written-out loop."""
@@ -230,7 +238,8 @@ def test_rolled_program_size_is_flat_in_the_number_of_inner_steps(method):
 # Leaves that are not inexact arrays.
 
 
-def test_non_differentiable_leaves_pass_through_untouched():
+@pytest.mark.parametrize("method", fast_subset(METHODS, fast=["hvp_jvp"]))
+def test_non_differentiable_leaves_pass_through_untouched(method):
     """Integers, booleans, Python scalars, functions and None go to loss_fn unchanged; only the
     float arrays are adapted and differentiated, and the gradient holds None elsewhere."""
     loss_with_aux, float_params, inner, outer = make_problem(seed=15)
@@ -245,16 +254,14 @@ def test_non_differentiable_leaves_pass_through_untouched():
         return p["scale"] * p["activation"](base) + p["step"].astype(base.dtype) * 0.01
 
     reference_loss = lambda net, batch: loss_fn({"net": net, **extras}, batch)
-    for method in METHODS:
-        seen.clear()
-        # Not jitted: the Python objects must reach loss_fn as they are.
-        _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2)
-        objective = unrolled_outer_loss(reference_loss, per_parameter_rule(), inner, outer, 2, False,
-                                        first_order=method == "first_order")
-        expected = fast_compile_jit(jax.grad(objective))(float_params, tree_map(lambda x: 0.3, float_params))
-        assert relative_error(grads["net"], expected) <= TOLERANCE, method
-        assert all(grads[key] is None for key in extras), method
-        assert all(s["activation"] is jnp.tanh and s["scale"] == 2.0 and s["unused"] is None for s in seen)
+    # Not jitted: the Python objects must reach loss_fn as they are.
+    _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2)
+    objective = unrolled_outer_loss(reference_loss, per_parameter_rule(), inner, outer, 2, False,
+                                    first_order=method == "first_order")
+    expected = fast_compile_jit(jax.grad(objective))(float_params, tree_map(lambda x: 0.3, float_params))
+    assert relative_error(grads["net"], expected) <= TOLERANCE
+    assert all(grads[key] is None for key in extras)
+    assert seen and all(s["activation"] is jnp.tanh and s["scale"] == 2.0 and s["unused"] is None for s in seen)
     adapted = inner_adapt(loss_fn, params, inner, inner_lr=0.3, inner_steps=2)
     assert adapted["activation"] is jnp.tanh and adapted["scale"] == 2.0 and int(adapted["step"]) == 3
     assert relative_error(adapted["net"], float_params) > 1e-3

@@ -50,6 +50,7 @@ F = torch.nn.functional
 
 from fgnet_jax.train import MetaStepConfig, OptimizerConfig, create_train_state, make_optimizer, train_step  # noqa: E402
 from small_metanet import SmallMetaNet, small_metanet_variables  # noqa: E402  (tests/small_metanet.py)
+from tiers import fast_subset  # noqa: E402  (tests/tiers.py)
 
 IMAGE, BATCH, CLASSES = 12, 6, 6
 STEM, WIDTHS = 8, ((8, 1), (12, 2))  # (width, stride) of the two basic blocks
@@ -219,7 +220,7 @@ def relative_change_error(actual, expected, start, names):
     return difference / change
 
 
-@pytest.mark.parametrize("method", ["exact", "hvp_vjp", "hvp_jvp", "first_order"])
+@pytest.mark.parametrize("method", fast_subset(["exact", "hvp_vjp", "hvp_jvp", "first_order"], fast=["hvp_jvp"]))
 def test_train_step_matches_independent_pytorch_iteration(method):
     model, variables = model_and_variables()
     tx = make_optimizer(OptimizerConfig(

@@ -43,6 +43,7 @@ def inexact_dtypes(tree):
     return {leaf.dtype for leaf in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)}
 
 
+@pytest.mark.slow
 def test_bfloat16_step_keeps_state_logits_and_losses_in_float32():
     _, bf16, variables = models()
     tx = make_optimizer(OptimizerConfig(backbone_lr=0.01, target_head_lr=0.1, auxiliary_head_lr=0.01))
@@ -62,6 +63,7 @@ def test_bfloat16_step_keeps_state_logits_and_losses_in_float32():
     assert logits.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_bfloat16_meta_gradient_is_close_to_float32_for_every_method():
     """Loose bounds: bfloat16 keeps 8 significant bits (relative rounding 2^-9 = 0.2 % per
     operation), and the meta-gradient goes through two backward passes and, for the exact

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tiers import fast_subset  # tests/tiers.py
+
 from fgnet_jax.models import MetaFGNet, block_names, feature_dim, fresh_target_head, init_variables, resnet
 from fgnet_jax.models.resnet import max_pool_3x3_stride2, max_pool_3x3_stride2_by_slices
 
@@ -33,9 +35,14 @@ def _images(seed: int, batch: int) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (batch, IMAGE_SIZE, IMAGE_SIZE, 3))
 
 
+# The forward-pass tests run ResNet-10 (one basic block per stage): the same block, downsampling
+# and head code as ResNet-18/34, at half their compile time; the structure test covers 18/34/50.
+DEPTH = 10
+
+
 @pytest.fixture(scope="module")
-def model18():
-    model = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY)
+def resnet10():
+    model = MetaFGNet(DEPTH, NUM_TARGET, NUM_AUXILIARY)
     return model, init_variables(model, _key(0), IMAGE_SIZE)
 
 
@@ -73,7 +80,8 @@ def test_structure_shapes_and_parameter_counts(depth):
     assert features.shape == (3, width)
 
 
-@pytest.mark.parametrize("shape", [(2, 7, 9, 3), (2, 24, 24, 4), (1, 1, 1, 2), (1, 2, 2, 1)])
+@pytest.mark.parametrize("shape", fast_subset([(2, 7, 9, 3), (2, 24, 24, 4), (1, 1, 1, 2), (1, 2, 2, 1)],
+                                              fast=[(2, 7, 9, 3), (1, 1, 1, 2)]))
 def test_max_pool_equals_reduce_window_max_pool_in_value_gradient_and_hvp(shape):
     # float64 random inputs have no ties, where the two differ by design (see the docstring).
     with jax.enable_x64():
@@ -109,13 +117,15 @@ def test_max_pool_shares_the_gradient_of_a_tie_among_the_tied_elements():
     assert float(jnp.sum(gradient)) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_init_variables_keeps_batch_norm_statistics_in_the_parameter_dtype():
     # Flax makes them float32; a float64 checkpoint template must not round restored statistics.
     with jax.enable_x64():
         model = MetaFGNet(10, NUM_TARGET, NUM_AUXILIARY, dtype=jnp.float64, param_dtype=jnp.float64)
         variables = init_variables(model, _key(0), IMAGE_SIZE)
         assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)} == {jnp.dtype(jnp.float64)}
-        _, updated = model.apply(variables, _images(0, 2).astype(jnp.float64), train=True, mutable=["batch_stats"])
+        _, updated = jax.eval_shape(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]), variables,
+                                    _images(0, 2).astype(jnp.float64))
         assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(updated)} == {jnp.dtype(jnp.float64)}
     float32_variables = init_variables(MetaFGNet(10, NUM_TARGET, NUM_AUXILIARY), _key(0), IMAGE_SIZE)
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(float32_variables)} == {jnp.dtype(jnp.float32)}
@@ -126,8 +136,8 @@ def test_unsupported_depth_is_rejected():
         resnet(101)
 
 
-def test_forward_heads_and_train_mode_statistics(model18):
-    model, variables = model18
+def test_forward_heads_and_train_mode_statistics(resnet10):
+    model, variables = resnet10
     images = _images(1, 4)
     target, auxiliary = model.apply(variables, images, False)
     np.testing.assert_allclose(model.apply(variables, images, False, method=MetaFGNet.target_logits), target, rtol=1e-6)
@@ -164,9 +174,10 @@ def _train_loss_and_grads(model, variables, images, labels):
     return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
 
 
-def test_remat_gives_the_same_outputs_and_gradients(model18):
-    model, variables = model18
-    remat_model = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY, remat=True)
+@pytest.mark.slow
+def test_remat_gives_the_same_outputs_and_gradients(resnet10):
+    model, variables = resnet10
+    remat_model = MetaFGNet(DEPTH, NUM_TARGET, NUM_AUXILIARY, remat=True)
     images, labels = _images(2, 4), jnp.array([0, 1, 2, 3])
 
     (loss, stats), grads = _train_loss_and_grads(model, variables, images, labels)
@@ -184,12 +195,12 @@ def test_remat_gives_the_same_outputs_and_gradients(model18):
 
     eqns = jax.make_jaxpr(jax.grad(forward))(variables["params"]).jaxpr.eqns
     checkpointed = [eqn for eqn in eqns if "remat" in eqn.primitive.name or "checkpoint" in eqn.primitive.name]
-    assert len(checkpointed) == len(block_names(18))
+    assert len(checkpointed) == len(block_names(DEPTH))
 
 
-def test_bfloat16_compute_keeps_float32_params_and_logits(model18):
-    model, variables = model18
-    bf16_model = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY, dtype=jnp.bfloat16)
+def test_bfloat16_compute_keeps_float32_params_and_logits(resnet10):
+    model, variables = resnet10
+    bf16_model = MetaFGNet(DEPTH, NUM_TARGET, NUM_AUXILIARY, dtype=jnp.bfloat16)
     bf16_variables = init_variables(bf16_model, _key(0), IMAGE_SIZE)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf16_variables))
 
@@ -210,8 +221,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(model18):
     assert convs and all(eqn.outvars[0].aval.dtype == jnp.bfloat16 for eqn in convs)
 
 
-def test_target_logits_with_only_the_target_parameters(model18):
-    model, variables = model18
+def test_target_logits_with_only_the_target_parameters(resnet10):
+    model, variables = resnet10
     images, labels = _images(4, 4), jnp.array([4, 3, 2, 1])
     target_params = {name: variables["params"][name] for name in ("backbone", "target_head")}
 
@@ -245,8 +256,8 @@ def test_target_logits_with_only_the_target_parameters(model18):
         )
 
 
-def test_fresh_target_head(model18):
-    model, variables = model18
+def test_fresh_target_head(resnet10):
+    model, variables = resnet10
     params = variables["params"]
     fresh = fresh_target_head(params, _key(9))
     assert fresh["backbone"] is params["backbone"] and fresh["auxiliary_head"] is params["auxiliary_head"]
@@ -258,16 +269,17 @@ def test_fresh_target_head(model18):
     resized = fresh_target_head(params, _key(9), num_classes=11)
     assert resized["target_head"]["kernel"].shape == (512, 11)
     resized_variables = {"params": resized, "batch_stats": variables["batch_stats"]}
-    logits = MetaFGNet(18, 11, NUM_AUXILIARY).apply(
+    logits = MetaFGNet(DEPTH, 11, NUM_AUXILIARY).apply(
         resized_variables, _images(5, 2), False, method=MetaFGNet.target_logits
     )
     assert logits.shape == (2, 11)
 
 
-def test_synchronised_batch_norm_under_pmap_equals_one_device_on_the_whole_batch(model18):
+@pytest.mark.slow
+def test_synchronised_batch_norm_under_pmap_equals_one_device_on_the_whole_batch(resnet10):
     devices = jax.local_devices()
     assert len(devices) == 4, "tests/conftest.py should provide 4 simulated CPU devices"
-    _, variables = model18
+    _, variables = resnet10
     per_device = 2
     # Shards from different distributions: unsynchronised statistics would differ a lot.
     shards = jnp.stack([(1.0 + device) * _images(10 + device, per_device) + device for device in range(4)])
@@ -276,11 +288,11 @@ def test_synchronised_batch_norm_under_pmap_equals_one_device_on_the_whole_batch
     def train_forward(model):
         return lambda v, x: model.apply(v, x, True, mutable=["batch_stats"])
 
-    synced = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY, axis_name="batch")
+    synced = MetaFGNet(DEPTH, NUM_TARGET, NUM_AUXILIARY, axis_name="batch")
     replicated = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (len(devices), *leaf.shape)), variables)
     (target, auxiliary), updates = jax.pmap(train_forward(synced), axis_name="batch")(replicated, shards)
 
-    single = MetaFGNet(18, NUM_TARGET, NUM_AUXILIARY)
+    single = MetaFGNet(DEPTH, NUM_TARGET, NUM_AUXILIARY)
     (target_1, auxiliary_1), updates_1 = jax.jit(train_forward(single))(variables, whole)
 
     np.testing.assert_allclose(np.asarray(target).reshape(whole.shape[0], -1), target_1, rtol=1e-4, atol=1e-4)

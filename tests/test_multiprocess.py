@@ -1,11 +1,12 @@
 """Multi-process training on JAX's distributed runtime, simulated on one machine.
 
 Two local processes with two CPU devices each (``jax.distributed`` with Gloo CPU collectives)
-run a few tiny MetaFGNet meta-training steps of the demo and must end with the parameters of
-one process with four devices on the same global batches; the two-process run is then
-resumed from its checkpoint. Processes that disagree on the config, and global batches that
-do not divide over all processes' devices, fail with one line. The processes share /tmp,
-which stands in for the shared filesystem a multi-host run needs.
+run a few MetaFGNet meta-training steps of the tiny config (tests/tiny_config.py, on the
+session's tiny data) and must end with the parameters of one process with four devices on the
+same global batches; the two-process run is then resumed from its checkpoint. Processes that
+disagree on the config, and global batches that do not divide over all processes' devices,
+fail with one line. The processes share /tmp, which stands in for the shared filesystem a
+multi-host run needs.
 """
 
 import json
@@ -18,6 +19,11 @@ import sys
 import numpy as np
 import pytest
 
+from child_env import child_env  # tests/child_env.py
+from tiny_config import PARALLELISM  # tests/tiny_config.py
+
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
 # Tiny, gentle and float64. In float32 the round-off between two device layouts (1 x 2 vs
@@ -26,7 +32,7 @@ STEPS = 3
 # meta-gradient's Hessian term, jumps there (measured: one BatchNorm bias entry off by 0.8 %
 # after step 1, 20-40 % of the update after steps 2-3 with these 8-image batches). In float64
 # such a crossing is ~1e9 times less likely, so the runs agree to round-off.
-TINY = [
+OVERRIDES = [
     "--config.model.dtype=float64",
     # The cheapest meta-gradient to compile: what is under test here is the distributed plumbing
     # (global batches, cross-process all-reduces, checkpoints, selection), the same for every
@@ -41,7 +47,7 @@ TINY = [
     "--config.finetune.milestone_epochs=()",
     "--config.target_batch=8",
     "--config.auxiliary_batch=8",
-    "--config.eval_batch=32",
+    "--config.eval_batch=8",  # the 24 auxiliary images scored in 3 global batches, merged across processes
     "--config.finetune.batch=16",
     "--config.meta.inner_lr=0.002",
     "--config.optimizer.backbone_lr=0.002",
@@ -53,6 +59,7 @@ TINY = [
     "--config.checkpoint_every=1",
     "--config.keep_periodic_checkpoints=True",  # the tests read and resume from stage 2's periodic checkpoints
     "--config.keep_checkpoints=3",
+    f"--config.parallelism={PARALLELISM}",
 ]
 
 
@@ -63,31 +70,29 @@ def _free_port() -> int:
 
 
 def _env(cache_dir):
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("XLA_FLAGS", None)
-    return env
+    return child_env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
 
 
-def _command(workdir, devices, *extra):
-    return [sys.executable, "-m", "experiments.cub_200", "--demo", f"--workdir={workdir}",
-            f"--simulate_cpu_devices={devices}", *TINY, *extra]
+def _command(data_root, workdir, devices, *extra):
+    return [sys.executable, "-m", "experiments.cub_200", f"--config=tests/tiny_config.py:{data_root}",
+            f"--workdir={workdir}", f"--simulate_cpu_devices={devices}", *OVERRIDES, *extra]
 
 
-def run_single(workdir, cache_dir, devices, *extra):
-    result = subprocess.run(_command(workdir, devices, *extra), cwd=ROOT, env=_env(cache_dir), capture_output=True,
-                            text=True, timeout=900, check=False)
+def run_single(data_root, workdir, cache_dir, devices, *extra):
+    result = subprocess.run(_command(data_root, workdir, devices, *extra), cwd=ROOT, env=_env(cache_dir),
+                            capture_output=True, text=True, timeout=900, check=False)
     return [(result.returncode, result.stdout, result.stderr)]
 
 
-def run_processes(workdir, cache_dir, num_processes=2, devices=2, per_process_extra=None, timeout=900):
+def run_processes(data_root, workdir, cache_dir, num_processes=2, devices=2, per_process_extra=None, timeout=900):
     """``num_processes`` local processes of one distributed run; [(returncode, stdout, stderr)] in process order."""
     address = f"127.0.0.1:{_free_port()}"
     processes = []
     for rank in range(num_processes):
         extra = [f"--coordinator_address={address}", f"--num_processes={num_processes}", f"--process_id={rank}",
                  *(per_process_extra[rank] if per_process_extra else [])]
-        processes.append(subprocess.Popen(_command(workdir, devices, *extra), cwd=ROOT, env=_env(cache_dir),
+        processes.append(subprocess.Popen(_command(data_root, workdir, devices, *extra), cwd=ROOT, env=_env(cache_dir),
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = []
     try:
@@ -142,15 +147,15 @@ def _assert_close(actual, expected):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_data, tmp_path_factory):
     base = tmp_path_factory.mktemp("multiprocess")
-    cache = base / "jax_cache"
+    cache = os.environ["JAX_COMPILATION_CACHE_DIR"]  # the session's (tests/conftest.py)
     single = base / "single_4dev"
-    _assert_ok(run_single(single, cache, 4))
+    _assert_ok(run_single(tiny_data, single, cache, 4))
     multi = base / "two_processes"
-    results = run_processes(multi, cache)
+    results = run_processes(tiny_data, multi, cache)
     _assert_ok(results)
-    return base, cache, single, multi, results
+    return tiny_data, cache, single, multi, results
 
 
 def test_two_processes_match_one_process_with_four_devices(runs):
@@ -175,7 +180,7 @@ def test_two_processes_match_one_process_with_four_devices(runs):
 
 
 def test_two_process_run_resumes_from_its_checkpoint(runs):
-    _, cache, _, multi, _ = runs
+    data_root, cache, _, multi, _ = runs
     reference = final_params(multi)
     # As if both processes were killed after the step-2 checkpoint: drop what came later.
     shutil.rmtree(multi / "meta_train" / "latest" / str(STEPS))
@@ -185,7 +190,7 @@ def test_two_process_run_resumes_from_its_checkpoint(runs):
     for path in (multi / "meta_train" / "best").iterdir():
         if path.name.isdigit() and int(path.name) > 2:
             shutil.rmtree(path)
-    results = run_processes(multi, cache)
+    results = run_processes(data_root, multi, cache)
     _assert_ok(results)
     assert "meta_train: resuming from step 2" in results[0][2]
     assert "meta_train: resuming from step 2" in results[1][2]
@@ -196,8 +201,8 @@ def test_two_process_run_resumes_from_its_checkpoint(runs):
     assert (multi / "summary.json").exists()
 
 
-def test_processes_that_disagree_on_the_config_fail_with_one_line(tmp_path):
-    results = run_processes(tmp_path / "run", tmp_path / "cache",
+def test_processes_that_disagree_on_the_config_fail_with_one_line(tiny_data, tmp_path):
+    results = run_processes(tiny_data, tmp_path / "run", tmp_path / "cache",
                             per_process_extra=[[], ["--config.meta.inner_lr=0.5"]], timeout=300)
     for code, _, stderr in results:
         assert code == 2
@@ -206,8 +211,8 @@ def test_processes_that_disagree_on_the_config_fail_with_one_line(tmp_path):
     assert not (tmp_path / "run" / "meta_train").exists()
 
 
-def test_global_batch_must_divide_over_all_processes_devices(tmp_path):
-    results = run_processes(tmp_path / "run", tmp_path / "cache",
+def test_global_batch_must_divide_over_all_processes_devices(tiny_data, tmp_path):
+    results = run_processes(tiny_data, tmp_path / "run", tmp_path / "cache",
                             per_process_extra=[["--config.target_batch=6"]] * 2, timeout=300)
     for code, _, stderr in results:
         assert code == 2

@@ -46,6 +46,7 @@ def _kernel_environment():
     return env
 
 
+@pytest.mark.slow
 def test_notebook_runs_in_fast_setting():
     nbformat = _require("nbformat")
     nbclient = _require("nbclient")
@@ -88,7 +89,7 @@ def test_committed_notebook_has_the_full_runs_outputs():
 def test_time_and_memory_counts_arguments_outputs_and_temporaries():
     x = jnp.ones((256, 256), jnp.float32)
     seconds, size = ms.time_and_memory(lambda a: (a @ a).sum(axis=0), x, repeats=2)
-    assert 0 < seconds < 10
+    assert seconds > 0  # no upper bound: a loaded machine is slow, not wrong
     # At least the 256 KiB argument and the 1 KiB output must be resident.
     assert size >= x.nbytes + 256 * 4
     with pytest.raises(ValueError):
@@ -135,6 +136,7 @@ def test_few_shot_task_splits_classes_and_images():
     np.testing.assert_array_equal(ms.few_shot_task(labels, seed=3, shots=5)["train_index"], task["train_index"])
 
 
+@pytest.mark.slow
 def test_joint_training_learns_the_digits_task():
     """Enough steps of eta = 0 joint training beat chance (20 %) by far: the loop and evaluation work."""
     _require("sklearn")

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tiers import fast_subset  # tests/tiers.py
+
 from fgnet_jax.parallel import PARALLELISM, DataParallel
 from fgnet_jax.selection import parallel_score_step, score_step
 from fgnet_jax.train import (
@@ -116,6 +118,7 @@ def assert_same_run(actual, expected, initial, tolerance=1e-9):
             np.testing.assert_allclose(m[key], e[key], rtol=tolerance, atol=1e-12, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["exact", "first_order"])
 def test_train_step_on_four_devices_equals_one_device_on_both_paths(method):
     """Two MetaFGNet iterations (the second at the decayed rate's neighbour, with momentum):
@@ -139,7 +142,7 @@ def test_train_step_on_four_devices_equals_one_device_on_both_paths(method):
     assert_same_run(runs["shard_map"], runs["pmap"], initial)
 
 
-@pytest.mark.parametrize("kind", PARALLELISM)
+@pytest.mark.parametrize("kind", fast_subset(PARALLELISM, fast=["shard_map"]))
 def test_supervised_step_on_four_devices_equals_one_device(kind):
     model, variables = model_and_variables()
     tx = make_optimizer(OptimizerConfig(backbone_lr=0.05, target_head_lr=0.3, auxiliary_head_lr=None))
@@ -155,7 +158,7 @@ def test_supervised_step_on_four_devices_equals_one_device(kind):
     assert_same_run(run_steps(kind, factory, initial, batches), run_steps(None, factory, initial, batches), initial)
 
 
-@pytest.mark.parametrize("kind", PARALLELISM)
+@pytest.mark.parametrize("kind", fast_subset(PARALLELISM, fast=["shard_map"]))
 def test_eval_and_score_steps_on_four_devices_equal_one_device(kind):
     model, variables = model_and_variables()
     rng = np.random.default_rng(4)

@@ -1,10 +1,10 @@
-"""The pipeline's invariants, in process, on a tiny generated dataset and 4 simulated devices.
+"""The pipeline's invariants, in process, on the tiny dataset and 4 simulated devices.
 
-One uninterrupted run of every stage records, through spies on the stage runner and the input
-streams, the state each stage starts from, the state it hands on and the auxiliary images it
-reads. A second run is interrupted inside stage 1, stage 4 and stage 5 (the stop flag the
-signal handler sets, asked for at chosen steps) and resumed each time; it must end with the
-first run's parameters, bit for bit. The config errors that replace the old silent fallbacks,
+The session's tiny run (tests/conftest.py: every stage of tests/tiny_config.py) records,
+through spies on the stage runner and the input streams, the state each stage starts from,
+the state it hands on and the auxiliary images it reads. A second run is interrupted inside
+stage 1, stage 4 and stage 5 (the stop flag the signal handler sets, asked for at chosen
+steps) and resumed each time; it must end with the first run's parameters, bit for bit. The config errors that replace the old silent fallbacks,
 and the epoch-to-step conversion of the schedules, are checked without training.
 """
 
@@ -17,94 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import tiny_config as tiny_config_lib  # tests/tiny_config.py
 from experiments import pipeline, runner
-from experiments.configs import demo
 from experiments.stages import auxiliary_pretrain, finetune, start_weights
-from fgnet_jax import data as data_lib
 from fgnet_jax import selection as selection_lib
 from fgnet_jax.checkpoint import StageCheckpointer
 from fgnet_jax.models import MetaFGNet, init_variables
 from fgnet_jax.train import step_decay
 
-AUXILIARY_IMAGES = 24  # 2 related + 2 unrelated classes of 6
-
-
-def tiny_config(root):
-    config = demo.get_config()
-    config.data_dir = str(root / "tfds")
-    config.manual_dir = str(root / "manual")
-    config.auxiliary.folder = str(root / "auxiliary")
-    config.validation_fraction = 0.25
-    config.keep_periodic_checkpoints = True  # the resume tests restart finished stages from inside
-    config.keep_checkpoints = 2  # step 2 of a 4-step stage survives, to resume from
-    config.target_batch = 4
-    config.auxiliary_batch = 4
-    config.eval_batch = 8
-    config.meta.method = "first_order"  # the cheapest to compile; the methods are tested elsewhere
-    config.auxiliary_pretrain.epochs = 2  # 24 images at batch 8: 3 steps per epoch
-    config.auxiliary_pretrain.output_epoch = 1
-    config.auxiliary_pretrain.milestone_epochs = (0,)
-    config.auxiliary_pretrain.batch = 8
-    config.meta_train.steps = 4
-    config.meta_train.milestones = (1,)
-    config.meta_train.eval_every = 2
-    config.meta_train_selected.steps = 4
-    config.meta_train_selected.milestones = (1,)  # as stage 2's: the two stages share one compiled step
-    config.meta_train_selected.eval_every = 2
-    config.finetune.epochs = 2  # 12 train images at batch 8: 2 steps per epoch
-    config.finetune.batch = 8
-    config.finetune.milestone_epochs = (0,)
-    config.finetune.eval_every_epochs = 1
-    config.log_every = 1
-    config.checkpoint_every = 2
-    return config
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipeline_data")
-    # 4 classes x 8 images, half train: 16 train (12 + 4 validation), 16 test.
-    data_lib.write_synthetic_cub(root / "manual", num_classes=4, images_per_class=8, image_size=40, as_tarball=True)
-    for seed, first_style, kind in ((1, 0, "related"), (2, 1000, "unrelated")):
-        data_lib.write_synthetic_image_folder(root / "auxiliary", num_classes=2, images_per_class=6, image_size=40,
-                                              seed=seed, first_style=first_style,
-                                              class_names=[f"{kind}_{i}" for i in range(2)])
-    return root
-
-
-def host(tree):
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
-
-
-class Spies:
-    """Records what each stage starts from and hands on, and the auxiliary ids each stage reads."""
-
-    def __init__(self, monkeypatch):
-        self.starts, self.outputs, self.auxiliary_sources, self.auxiliary_read = {}, {}, {}, {}
-        run_stage, meta_stream, supervised_stream = runner.run_stage, data_lib.meta_train_stream, data_lib.supervised_stream
-
-        def spy_run_stage(ctx, spec):
-            self.starts[spec.name] = host(spec.initial_state())
-            state, result = run_stage(ctx, spec)
-            self.outputs[spec.name] = host(state)
-            return state, result
-
-        def spy_meta_stream(target, auxiliary, **kwargs):
-            name = "meta_train" if kwargs["seed"] == 0 else "meta_train_selected"
-            self.auxiliary_sources[name] = sorted(str(i) for i in auxiliary.ids)
-            for batch in meta_stream(target, auxiliary, **dict(kwargs, include_ids=True)):
-                self.auxiliary_read.setdefault(name, set()).update(i.decode() for i in batch["auxiliary"]["id"].reshape(-1))
-                yield batch
-
-        def spy_supervised_stream(source, **kwargs):
-            name = kwargs.get("stream", "supervised")
-            for batch in supervised_stream(source, **dict(kwargs, include_ids=True)):
-                self.auxiliary_read.setdefault(name, set()).update(i.decode() for i in batch["id"].reshape(-1))
-                yield batch
-
-        monkeypatch.setattr(runner, "run_stage", spy_run_stage)
-        monkeypatch.setattr(data_lib, "meta_train_stream", spy_meta_stream)
-        monkeypatch.setattr(data_lib, "supervised_stream", spy_supervised_stream)
+AUXILIARY_IMAGES = tiny_config_lib.AUXILIARY_IMAGES
 
 
 class StopAt(pipeline.StopFlag):
@@ -121,13 +42,8 @@ class StopAt(pipeline.StopFlag):
         return super().should_stop(stage, step)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(data_root, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("uninterrupted")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        spies = Spies(monkeypatch)
-        summary = pipeline.run(tiny_config(data_root), str(workdir))
-    return workdir, summary, spies
+def host(tree):
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
 def selection_dir(workdir):
@@ -135,16 +51,18 @@ def selection_dir(workdir):
     return directory
 
 
-def test_every_stage_runs_with_its_length(uninterrupted):
-    _, summary, spies = uninterrupted
+@pytest.mark.slow
+def test_every_stage_runs_with_its_length(tiny_run):
+    _, summary, spies = tiny_run
     assert summary["steps"] == {"auxiliary_pretrain": 6, "meta_train": 4, "selection": 0, "meta_train_selected": 4,
                                 "finetune": 4}
     # Stage 1 read the whole auxiliary set (two epochs of 3 batches of 8 cover 24 images).
     assert len(spies.auxiliary_read["auxiliary_pretrain"]) == AUXILIARY_IMAGES
 
 
-def test_stage_two_starts_from_stage_one_output_epoch(uninterrupted):
-    workdir, _, spies = uninterrupted
+@pytest.mark.slow
+def test_stage_two_starts_from_stage_one_output_epoch(tiny_run):
+    workdir, _, spies = tiny_run
     result = json.loads((workdir / "auxiliary_pretrain" / "result.json").read_text())
     assert result["output_step"] == 3  # after output_epoch = 1 of 2 epochs
     start, handed_on = spies.starts["meta_train"], spies.outputs["auxiliary_pretrain"]
@@ -164,8 +82,9 @@ def test_stage_two_starts_from_stage_one_output_epoch(uninterrupted):
                                   spies.starts["auxiliary_pretrain"].params["target_head"]["kernel"])
 
 
-def test_selection_comes_from_stage_two_best_checkpoint(uninterrupted):
-    workdir, _, spies = uninterrupted
+@pytest.mark.slow
+def test_selection_comes_from_stage_two_best_checkpoint(tiny_run):
+    workdir, _, spies = tiny_run
     info = json.loads((selection_dir(workdir) / "selection.json").read_text())
     result = json.loads((workdir / "meta_train" / "result.json").read_text())
     assert info["source_step"] == result["best_step"] == result["output_step"]
@@ -176,8 +95,9 @@ def test_selection_comes_from_stage_two_best_checkpoint(uninterrupted):
     assert selection_dir(workdir).name == tag
 
 
-def test_stage_four_reads_only_the_selected_images(uninterrupted):
-    workdir, _, spies = uninterrupted
+@pytest.mark.slow
+def test_stage_four_reads_only_the_selected_images(tiny_run):
+    workdir, _, spies = tiny_run
     selected = sorted((selection_dir(workdir) / "selected_ids.txt").read_text().split())
     assert len(selected) == round(0.8 * AUXILIARY_IMAGES)
     assert spies.auxiliary_sources["meta_train_selected"] == selected
@@ -185,8 +105,9 @@ def test_stage_four_reads_only_the_selected_images(uninterrupted):
     assert len(spies.auxiliary_sources["meta_train"]) == AUXILIARY_IMAGES
 
 
-def test_stage_four_and_five_start_with_new_target_heads(uninterrupted):
-    _, _, spies = uninterrupted
+@pytest.mark.slow
+def test_stage_four_and_five_start_with_new_target_heads(tiny_run):
+    _, _, spies = tiny_run
     for stage, previous in (("meta_train_selected", "meta_train"), ("finetune", "meta_train_selected")):
         start, before = spies.starts[stage].params, spies.outputs[previous].params
         for a, b in zip(jax.tree_util.tree_leaves(start["backbone"]), jax.tree_util.tree_leaves(before["backbone"])):
@@ -195,13 +116,14 @@ def test_stage_four_and_five_start_with_new_target_heads(uninterrupted):
         np.testing.assert_array_equal(start["target_head"]["bias"], 0.0)  # a fresh Dense head
 
 
-def test_resume_inside_stages_one_four_and_five_matches_uninterrupted(uninterrupted, data_root, tmp_path):
-    reference_dir, reference_summary, _ = uninterrupted
+@pytest.mark.slow
+def test_resume_inside_stages_one_four_and_five_matches_uninterrupted(tiny_run, tiny_config, tmp_path):
+    reference_dir, reference_summary, _ = tiny_run
     stopper = StopAt({("auxiliary_pretrain", 2), ("meta_train_selected", 3), ("finetune", 3)})
     interruptions = 0
     while True:
         try:
-            summary = pipeline.run(tiny_config(data_root), str(tmp_path), stop=stopper)
+            summary = pipeline.run(tiny_config(), str(tmp_path), stop=stopper)
             break
         except pipeline.Interrupted:
             interruptions += 1
@@ -219,13 +141,15 @@ def test_resume_inside_stages_one_four_and_five_matches_uninterrupted(uninterrup
         np.testing.assert_array_equal(resumed_params[name], expected_params[name], err_msg=name)
 
 
-def test_a_run_resumes_on_the_other_parallelism(uninterrupted, data_root, tmp_path, capsys):
-    """The checkpoints are host state, the same for both paths: a workdir of the (default)
-    shard_map run, cut back to fine-tuning's step-2 checkpoint, finishes under pmap with the
-    uninterrupted run's parameters (up to float32 round-off: another program)."""
+@pytest.mark.slow
+def test_a_run_resumes_on_the_other_parallelism(tiny_run, tiny_config, tmp_path, capsys):
+    """The checkpoints are host state, the same for both paths: the tiny run's workdir (on the
+    suite's path, shard_map unless FGNET_TEST_PARALLELISM says pmap), cut back to fine-tuning's
+    step-2 checkpoint, finishes on the other path with the uninterrupted run's parameters (up
+    to float32 round-off: another program)."""
     import shutil
 
-    reference_dir, reference_summary, _ = uninterrupted
+    reference_dir, reference_summary, _ = tiny_run
     workdir = tmp_path / "run"
     shutil.copytree(reference_dir, workdir)
     for path in (workdir / "finetune" / "latest").iterdir():
@@ -236,9 +160,8 @@ def test_a_run_resumes_on_the_other_parallelism(uninterrupted, data_root, tmp_pa
             shutil.rmtree(path)
     for stale in ("finetune/result.json", "summary.json"):
         (workdir / stale).unlink()
-    config = tiny_config(data_root)
-    assert config.parallelism == "shard_map"
-    config.parallelism = "pmap"
+    config = tiny_config()
+    config.parallelism = {"shard_map": "pmap", "pmap": "shard_map"}[config.parallelism]
     summary = pipeline.run(config, str(workdir))  # no --allow_config_change needed
     assert "finetune: resuming from step 2" in capsys.readouterr().err
     assert summary["steps"] == reference_summary["steps"]
@@ -280,8 +203,8 @@ def test_epoch_milestones_decay_from_the_first_step_of_the_next_epoch():
                                 float(rate(120 * 43 - 1)), float(rate(120 * 43))], [0.1, 0.01, 0.01, 0.001], rtol=1e-6)
 
 
-def test_stage_one_and_five_optimisers_use_the_converted_milestones(data_root):
-    config = tiny_config(data_root)
+def test_stage_one_and_five_optimisers_use_the_converted_milestones(tiny_config):
+    config = tiny_config()
     context = types.SimpleNamespace(config=config, auxiliary=[None] * 24, target=types.SimpleNamespace(train=[None] * 12))
     stage1 = auxiliary_pretrain.optimizer_config(context)
     assert stage1.milestones == (2,)  # epoch 0 of 3 steps: decayed from step 3
@@ -301,8 +224,8 @@ def test_stage_one_and_five_optimisers_use_the_converted_milestones(data_root):
     ({"parallelism": "vmap"}, "config.parallelism='vmap': choose one of shard_map, pmap"),
     ({"model.dtype": "float16"}, "config.model.dtype='float16' is not supported (float16 needs loss scaling"),
 ])
-def test_config_errors_are_one_line_usage_errors(data_root, overrides, message):
-    config = tiny_config(data_root)
+def test_config_errors_are_one_line_usage_errors(tiny_config, overrides, message):
+    config = tiny_config()
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -330,32 +253,32 @@ def converted_checkpoint(tmp_path_factory):
     return save_variables(host(variables), tmp_path_factory.mktemp("converted") / "ckpt"), variables
 
 
-def _start_context(data_root, checkpoint, new_heads, auxiliary_classes=7):
-    config = tiny_config(data_root)
+def _start_context(tiny_config, checkpoint, new_heads, auxiliary_classes=7):
+    config = tiny_config()
     config.init_checkpoint = str(checkpoint)
     config.init_new_heads = new_heads
     return _FakeContext(config, MetaFGNet(10, 4, auxiliary_classes))
 
 
-def test_start_weights_load_the_checkpoint_except_new_heads(data_root, converted_checkpoint):
+def test_start_weights_load_the_checkpoint_except_new_heads(tiny_config, converted_checkpoint):
     checkpoint, saved = converted_checkpoint
-    variables = start_weights.load(_start_context(data_root, checkpoint, ("auxiliary_head",)))
+    variables = start_weights.load(_start_context(tiny_config, checkpoint, ("auxiliary_head",)))
     for part in ("backbone", "target_head"):
         for a, b in zip(jax.tree_util.tree_leaves(variables["params"][part]), jax.tree_util.tree_leaves(saved["params"][part])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert not np.allclose(variables["params"]["auxiliary_head"]["kernel"], saved["params"]["auxiliary_head"]["kernel"])
 
 
-def test_start_weights_refuse_a_head_of_another_shape(data_root, converted_checkpoint):
+def test_start_weights_refuse_a_head_of_another_shape(tiny_config, converted_checkpoint):
     checkpoint, _ = converted_checkpoint
     with pytest.raises(pipeline.UsageError) as error:
-        start_weights.load(_start_context(data_root, checkpoint, ("target_head",), auxiliary_classes=9))
+        start_weights.load(_start_context(tiny_config, checkpoint, ("target_head",), auxiliary_classes=9))
     message = str(error.value)
     assert "params/auxiliary_head" in message and "shape (7,) in the checkpoint, the model's has shape (9,)" in message
     assert 'add "auxiliary_head" to config.init_new_heads' in message and "\n" not in message
 
 
-def test_start_weights_refuse_a_missing_head(data_root, converted_checkpoint, tmp_path):
+def test_start_weights_refuse_a_missing_head(tiny_config, converted_checkpoint, tmp_path):
     from fgnet_jax.convert import save_variables
 
     _, saved = converted_checkpoint
@@ -363,6 +286,6 @@ def test_start_weights_refuse_a_missing_head(data_root, converted_checkpoint, tm
                       "batch_stats": saved["batch_stats"]}
     checkpoint = save_variables(host(without_target), tmp_path / "no_target")
     with pytest.raises(pipeline.UsageError, match="has no params/target_head"):
-        start_weights.load(_start_context(data_root, checkpoint, ("auxiliary_head",)))
-    variables = start_weights.load(_start_context(data_root, checkpoint, ("target_head", "auxiliary_head")))
+        start_weights.load(_start_context(tiny_config, checkpoint, ("auxiliary_head",)))
+    variables = start_weights.load(_start_context(tiny_config, checkpoint, ("target_head", "auxiliary_head")))
     assert jnp.shape(variables["params"]["target_head"]["kernel"]) == (512, 4)

@@ -15,6 +15,7 @@ OPTIONAL_LIBRARY = {"equinox_model": "equinox", "haiku_state": "haiku"}
 MULTI_DEVICE = ("shard_map_parallel", "jit_sharded")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_agrees_with_its_hand_written_reference(name):
     if name in OPTIONAL_LIBRARY:

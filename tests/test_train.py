@@ -166,6 +166,7 @@ def test_supervised_step_trains_one_head_and_freezes_the_other(head, frozen):
     assert relative_error(state.batch_stats, variables["batch_stats"]) > 1e-3
 
 
+@pytest.mark.slow
 def test_eval_sums_respect_mask_and_match_across_devices():
     model, variables = model_and_variables()
     batch = make_batch(7)["outer"]
