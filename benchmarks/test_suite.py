@@ -1,0 +1,161 @@
+"""Wall time of the test suite, recorded for the README.
+
+    # run a tier and record it (from the repository root, in the venv the README's command made)
+    python -m benchmarks.test_suite run --name full
+    python -m benchmarks.test_suite run --name fast --marker "not slow"
+    python -m benchmarks.test_suite run --name full_avx2 --xla_flags=--xla_cpu_max_isa=AVX2
+    python -m benchmarks.test_suite run --name full_pmap --parallelism pmap
+    # the README's lines, regenerated from the committed results
+    python -m benchmarks.test_suite report
+
+``run`` calls ``python -m pytest -q -n WORKERS [-m MARKER] tests`` (the README's test command
+is the full tier with 2 workers), keeps its output in ``benchmarks/results/cpu_test_suite_NAME.log``
+and its outcome (passed, failed, pytest's own "in N s", the machine) in
+``benchmarks/results/cpu_test_suite.json``. The time is pytest's: collection and tests, not the
+installation. One run per name; rerunning a name replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+RESULTS_FILE = os.path.join(RESULTS, "cpu_test_suite.json")
+SUMMARY = re.compile(r"=+ (?P<counts>.*?) in (?P<seconds>[0-9.]+)s")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def parse_summary(output: str) -> dict:
+    """Counts and seconds from pytest's last summary line, e.g. ``=== 291 passed, 2 skipped in 640.12s ===``."""
+    matches = list(SUMMARY.finditer(output))
+    if not matches:
+        raise ValueError("no pytest summary line in the output (did pytest start?)")
+    last = matches[-1]
+    counts = {}
+    for part in last["counts"].split(","):
+        number, _, kind = part.strip().partition(" ")
+        if number.isdigit():
+            counts[kind] = int(number)
+    return {"counts": counts, "seconds": float(last["seconds"])}
+
+
+def load_results() -> dict:
+    if not os.path.exists(RESULTS_FILE):
+        return {}
+    with open(RESULTS_FILE) as handle:
+        return json.load(handle)
+
+
+def run(args) -> int:
+    import jax  # only for its version; imported here, not by pytest's process
+
+    command = [sys.executable, "-m", "pytest", "-q", "-n", str(args.workers)]
+    if args.marker:
+        command += ["-m", args.marker]
+    command.append("tests")
+    env = dict(os.environ)
+    if args.xla_flags:
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    if args.parallelism:
+        env["FGNET_TEST_PARALLELISM"] = args.parallelism
+    os.makedirs(RESULTS, exist_ok=True)
+    log_path = os.path.join(RESULTS, f"cpu_test_suite_{args.name}.log")
+    print(f"running: {' '.join(command)} (log: {os.path.relpath(log_path, ROOT)})", flush=True)
+    with open(log_path, "w") as log:
+        process = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, check=False)
+    with open(log_path) as log:
+        outcome = parse_summary(log.read())
+    record = {
+        "command": "python -m pytest -q -n {} {}tests".format(args.workers, f'-m "{args.marker}" ' if args.marker else ""),
+        "env": {k: v for k, v in (("XLA_FLAGS", args.xla_flags), ("FGNET_TEST_PARALLELISM", args.parallelism)) if v},
+        "exit_code": process.returncode,
+        **outcome,
+        "date": datetime.date.today().isoformat(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "avx512": "avx512f" in cpu_flags(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "note": args.note,
+    }
+    results = load_results()
+    results[args.name] = record
+    with open(RESULTS_FILE + ".tmp", "w") as handle:
+        json.dump(results, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(RESULTS_FILE + ".tmp", RESULTS_FILE)
+    print(describe(args.name, record))
+    return process.returncode
+
+
+def clock(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def describe(name: str, record: dict) -> str:
+    counts = ", ".join(f"{n} {kind}" for kind, n in record["counts"].items())
+    env = " ".join(f"{k}={v}" for k, v in record["env"].items())
+    return (f"{name}: {clock(record['seconds'])} ({counts}; exit {record['exit_code']}) - "
+            f"{env + ' ' if env else ''}{record['command']} - {record['cores']}-core {record['cpu']}, "
+            f"{record['date']}, jax {record['jax']}{' - ' + record['note'] if record.get('note') else ''}")
+
+
+def report(_args) -> int:
+    results = load_results()
+    if not results:
+        print(f"no results yet in {os.path.relpath(RESULTS_FILE, ROOT)}: run `python -m benchmarks.test_suite run` first")
+        return 1
+    for name, record in results.items():
+        print(describe(name, record))
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run a tier of the suite and record its time")
+    run_parser.add_argument("--name", required=True, help="the record's name (replaces an earlier one)")
+    run_parser.add_argument("--marker", default="", help='pytest -m expression, e.g. "not slow" for the fast tier')
+    run_parser.add_argument("--workers", type=int, default=2)
+    run_parser.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS, e.g. --xla_cpu_max_isa=AVX2")
+    run_parser.add_argument("--parallelism", choices=("shard_map", "pmap"), default="",
+                            help="FGNET_TEST_PARALLELISM for the pipeline runs")
+    run_parser.add_argument("--note", default="", help="free text kept with the record (e.g. 'clean clone')")
+    run_parser.set_defaults(handler=run)
+    commands.add_parser("report", help="print the recorded runs").set_defaults(handler=report)
+    args = parser.parse_args()
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
