@@ -29,7 +29,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RESULTS_FILE = os.path.join(RESULTS, "cpu_test_suite.json")
-SUMMARY = re.compile(r"=+ (?P<counts>.*?) in (?P<seconds>[0-9.]+)s")
+# pytest's last line: "291 passed in 745.30s (0:12:25)" under -q, framed by "=" otherwise.
+SUMMARY = re.compile(r"^=* ?(?P<counts>\d+ (?:passed|failed|skipped|error|errors|deselected|xfailed|xpassed)[^\n]*?) "
+                     r"in (?P<seconds>[0-9.]+)s\b", re.MULTILINE)
 
 
 def cpu_model() -> str:
@@ -55,7 +57,7 @@ def cpu_flags() -> set[str]:
 
 
 def parse_summary(output: str) -> dict:
-    """Counts and seconds from pytest's last summary line, e.g. ``=== 291 passed, 2 skipped in 640.12s ===``."""
+    """Counts and seconds from pytest's last summary line, e.g. ``291 passed, 2 skipped in 640.12s (0:10:40)``."""
     matches = list(SUMMARY.finditer(output))
     if not matches:
         raise ValueError("no pytest summary line in the output (did pytest start?)")

@@ -180,8 +180,12 @@ def test_sigterm_then_kill_minus_nine_then_resume_matches_uninterrupted(referenc
     """Stopped twice: SIGTERM in meta-training (checkpoint, then exit 130; a process that hung
     at exit would fail at the generous wait below), then kill -9 in fine-tuning; the third run
     resumes and ends with the uninterrupted run's parameters."""
+    import shutil
+
     base, reference, cache, _, _ = reference_run
     workdir = base / "interrupted"
+    # The demo data the first run would generate and prepare (deterministic: the same files).
+    shutil.copytree(reference / "demo_data", workdir / "demo_data")
     process = run_demo(workdir, cache, wait=False)
     _wait_for_checkpoint(process, workdir / "meta_train" / "latest", 4)
     process.send_signal(signal.SIGTERM)

@@ -119,7 +119,7 @@ def assert_same_run(actual, expected, initial, tolerance=1e-9):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["exact", "first_order"])
+@pytest.mark.parametrize("method", ["hvp_jvp", "first_order"])  # the step's default exact method, and first-order
 def test_train_step_on_four_devices_equals_one_device_on_both_paths(method):
     """Two MetaFGNet iterations (the second at the decayed rate's neighbour, with momentum):
     shard_map and pmap on 4 devices each equal one device with the concatenated batches, and
