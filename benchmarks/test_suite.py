@@ -83,7 +83,7 @@ def run(args) -> int:
     command = [sys.executable, "-m", "pytest", "-q", "-n", str(args.workers)]
     if args.marker:
         command += ["-m", args.marker]
-    command.append("tests")
+    command += args.paths
     env = dict(os.environ)
     if args.xla_flags:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
@@ -97,7 +97,8 @@ def run(args) -> int:
     with open(log_path) as log:
         outcome = parse_summary(log.read())
     record = {
-        "command": "python -m pytest -q -n {} {}tests".format(args.workers, f'-m "{args.marker}" ' if args.marker else ""),
+        "command": "python -m pytest -q -n {} {}{}".format(args.workers, f'-m "{args.marker}" ' if args.marker else "",
+                                                         " ".join(args.paths)),
         "env": {k: v for k, v in (("XLA_FLAGS", args.xla_flags), ("FGNET_TEST_PARALLELISM", args.parallelism)) if v},
         "exit_code": process.returncode,
         **outcome,
@@ -153,6 +154,7 @@ def main() -> int:
     run_parser.add_argument("--parallelism", choices=("shard_map", "pmap"), default="",
                             help="FGNET_TEST_PARALLELISM for the pipeline runs")
     run_parser.add_argument("--note", default="", help="free text kept with the record (e.g. 'clean clone')")
+    run_parser.add_argument("paths", nargs="*", default=["tests"], help="test files or folders (default: tests)")
     run_parser.set_defaults(handler=run)
     commands.add_parser("report", help="print the recorded runs").set_defaults(handler=report)
     args = parser.parse_args()
