@@ -60,6 +60,24 @@ def _wait_for_all_processes(what: str) -> None:
     jax_distributed.global_state.client.wait_at_barrier(f"fgnet_compiled_{_BARRIERS[0]}", 30 * 60 * 1000)
 
 
+def _call_compiled_pmap(compiled, args, axis_name: str):
+    """Run a multi-process ``pmap`` executable compiled ahead of time on host-local arguments.
+
+    ``jax.pmap(f).lower(...).compile()`` is compiled for *global* arrays ``[all devices, ...]``
+    while ``pmap`` itself takes and returns each process's ``[local devices, ...]`` slice (JAX
+    converts them inside its own call, not for AOT executables). So convert here: every input
+    and output of the pmap path is stacked along its leading axis over the executable's mesh
+    of all processes' devices.
+    """
+    from jax.experimental import multihost_utils
+
+    shardings = [s for s in jax.tree.leaves(compiled.input_shardings) if s is not None]
+    mesh, spec = shardings[0].mesh, P(axis_name)
+    global_args = multihost_utils.host_local_array_to_global_array(tuple(args), mesh, spec)
+    outputs = compiled(*global_args)
+    return multihost_utils.global_array_to_host_local_array(outputs, mesh, spec)
+
+
 class _Step:
     """A compiled data-parallel function that checks the batch's leading axis first (one line).
 
@@ -87,6 +105,8 @@ class _Step:
             compiled = self._function.lower(*args).compile()
             _wait_for_all_processes(getattr(self._function, "__name__", "step"))
             self._compiled[key] = compiled
+        if self._parallel.kind == "pmap":
+            return _call_compiled_pmap(compiled, args, self._parallel.axis_name)
         return compiled(*args)
 
     def lower(self, *args):

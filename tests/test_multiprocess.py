@@ -226,3 +226,49 @@ def test_global_batch_must_divide_over_all_processes_devices(tiny_config, monkey
         pipeline.validate_config(config, 4)
     message = str(error.value)
     assert "config.target_batch=6 does not divide over 4 device(s) across 2 processes" in message and "\n" not in message
+
+
+def test_both_parallel_paths_run_two_processes_like_one_global_batch(tmp_path):
+    """DataParallel's step, reduce and per_example on both paths (shard_map and pmap), two
+    processes of two devices each, against a float64 numpy computation on the global batch.
+
+    Each wrapper runs twice: the first call compiles ahead of time (the barrier before a new
+    program's first run), the second reuses the executable. Regression: a multi-process
+    ``pmap`` executable compiled ahead of time takes global arrays, not a process's slice, and
+    its first call failed with "Argument types differ"."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from two_process_steps import FEATURES, global_batch  # tests/two_process_steps.py
+
+    address = f"127.0.0.1:{_free_port()}"
+    script = os.path.join(ROOT, "tests", "two_process_steps.py")
+    outputs = [tmp_path / f"process_{rank}.json" for rank in range(2)]
+    processes = [subprocess.Popen([sys.executable, script, address, str(rank), str(outputs[rank])], cwd=ROOT,
+                                  env=child_env(TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    try:
+        outputs_and_errors = [process.communicate(timeout=300) for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    _assert_ok([(process.returncode, *streams) for process, streams in zip(processes, outputs_and_errors)])
+
+    batch = global_batch()
+    x, y = batch["x"], batch["y"]
+    w, losses = np.zeros(FEATURES), []
+    for _ in range(2):
+        residual = x @ w - y
+        losses.append(0.5 * np.mean(residual ** 2))
+        w = w - 0.1 * x.T @ residual / len(y)
+    squared_error = 2.0 * np.sum((x @ w - y) ** 2)
+    scores = 2.0 * (x @ w)
+    for rank, path in enumerate(outputs):
+        got = json.loads(path.read_text())
+        for kind in ("shard_map", "pmap"):
+            result = got[kind]
+            assert result["w_dtype"] == "float64", (rank, kind)
+            np.testing.assert_allclose(result["w"], w, rtol=1e-12, err_msg=f"process {rank} {kind}")
+            np.testing.assert_allclose(result["losses"], losses, rtol=1e-12, err_msg=f"process {rank} {kind}")
+            np.testing.assert_allclose(result["sums"], [squared_error] * 2, rtol=1e-12, err_msg=f"process {rank} {kind}")
+            share = scores[rank * len(y) // 2:(rank + 1) * len(y) // 2]
+            np.testing.assert_allclose(result["scores"], [share] * 2, rtol=1e-12, err_msg=f"process {rank} {kind}")
