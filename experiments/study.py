@@ -14,8 +14,9 @@ Variants (each then fine-tuned on the target data alone, stage 5, with the same 
     exact_selection exact, then sample selection (stage 3) and meta-training on the selection (stage 4)
 
 Every variant starts from the same stage-1 output of its seed (stage 1 runs once per seed, in
-the ``finetune_only`` run, and its folder is copied into the others: the stage is
-deterministic, so this is the state they would each compute). The seed changes the initial
+the first variant's run, and its folder is copied into the others: the stage is deterministic,
+so this is the state they would each compute); ``exact_selection`` likewise takes ``exact``'s
+stage 2 when that run has finished it (or the other way round). The seed changes the initial
 weights, the data order, the augmentation and the validation split, never the data.
 
 Each (variant, seed) is a workdir of its own, ``DIR/<variant>/seed<k>``, run by the experiment's
@@ -105,20 +106,40 @@ def run_dir(root: str, variant: str, seed: int) -> str:
     return os.path.join(root, variant, f"seed{seed}")
 
 
-def _share_stage_one(root: str, variant: str, seed: int, config) -> None:
-    """Copy the seed's finished stage 1 (from its ``finetune_only`` run) into ``variant``'s run."""
-    if variant == "finetune_only" or config.auxiliary_pretrain.epochs == 0:
-        return
-    source = os.path.join(run_dir(root, "finetune_only", seed), "auxiliary_pretrain")
-    target = os.path.join(run_dir(root, variant, seed), "auxiliary_pretrain")
-    if os.path.exists(os.path.join(source, "result.json")) and not os.path.exists(target):
-        shutil.copytree(source, target)
-        source_metrics = os.path.join(run_dir(root, "finetune_only", seed), "metrics.jsonl")
-        if os.path.exists(source_metrics):  # stage 1's curve, for the run's curves.png
-            with open(source_metrics) as handle:
-                lines = [line for line in handle if '"stage": "auxiliary_pretrain"' in line]
-            with open(os.path.join(run_dir(root, variant, seed), "metrics.jsonl"), "a") as handle:
-                handle.writelines(lines)
+# Stages that several variants run with identical settings, and the variants that share each.
+# Stage 1 is the same in every variant; stage 2 of exact_selection is exact's (the variants differ
+# from stage 3 on). Every stage is deterministic, so a copy is the state the run would compute.
+SHARED_STAGES = {
+    "auxiliary_pretrain": VARIANTS,
+    "meta_train": ("exact", "exact_selection"),
+}
+
+
+def _share_finished_stages(root: str, variant: str, seed: int, config) -> list[str]:
+    """Copy into ``variant``'s run every stage of :data:`SHARED_STAGES` that another variant of
+    the same seed has finished (with its lines of the metrics log, for the run's curves.png), so
+    that the run skips it. Returns the stages copied."""
+    stage_lengths = {"auxiliary_pretrain": config.auxiliary_pretrain.epochs, "meta_train": config.meta_train.steps}
+    copied = []
+    for stage, sharing in SHARED_STAGES.items():
+        target = os.path.join(run_dir(root, variant, seed), stage)
+        if variant not in sharing or stage_lengths[stage] == 0 or os.path.exists(target):
+            continue
+        for other in sharing:
+            source_run = run_dir(root, other, seed)
+            source = os.path.join(source_run, stage)
+            if other == variant or not os.path.exists(os.path.join(source, "result.json")):
+                continue
+            shutil.copytree(source, target)
+            source_metrics = os.path.join(source_run, "metrics.jsonl")
+            if os.path.exists(source_metrics):
+                with open(source_metrics) as handle:
+                    lines = [line for line in handle if f'"stage": "{stage}"' in line]
+                with open(os.path.join(run_dir(root, variant, seed), "metrics.jsonl"), "a") as handle:
+                    handle.writelines(lines)
+            copied.append(stage)
+            break
+    return copied
 
 
 def selection_groups(workdir: str) -> dict[str, dict[str, int]] | None:
@@ -316,11 +337,7 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
         cub_200.use_demo_data(base_config, root)  # one data set for every run
         if not report_only:
             cub_200.write_demo_data(base_config)
-    # Stage 1 is shared, so a seed's finetune_only run goes first.
-    order = [(v, s) for s in seeds for v in (["finetune_only"] if "finetune_only" in variants else []) + [
-        v for v in variants if v != "finetune_only"]]
-    if "finetune_only" not in variants:
-        order = [(v, s) for s in seeds for v in variants]
+    order = [(v, s) for s in seeds for v in variants]
     records, run_times = [], []
     compilations = CompileCounter()
     started = time.time()
@@ -341,8 +358,10 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
             eta = f", study left ~{_clock(remaining * sum(run_times) / len(run_times))}" if run_times else ""
             log(f"study: run {index}/{len(order)}: {variant} seed {seed} -> {workdir} "
                 f"(elapsed {_clock(time.time() - started)}{eta})")
-            if "finetune_only" in variants:
-                _share_stage_one(root, variant, seed, config)
+            shared = _share_finished_stages(root, variant, seed, config)
+            if shared:
+                log(f"study: {variant} seed {seed} starts with {', '.join(shared)} copied from another variant's run "
+                    "(same settings)")
             run_started = time.time()
             try:
                 summary = pipeline.run(config, workdir)

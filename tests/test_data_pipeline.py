@@ -300,3 +300,24 @@ def test_batch_layout_positions():
     np.testing.assert_array_equal(layout.local_positions(2), np.arange(30, 36))
     with pytest.raises(ValueError):
         data.BatchLayout(per_device_batch=2, local_devices=1, process_index=2, process_count=2)
+
+
+@pytest.mark.slow
+def test_importing_the_data_package_skips_tensorflows_keras_import_and_keras_still_works():
+    """fgnet_jax.data imports TensorFlow without the Keras import TensorFlow makes on load (a
+    speed-up of every process that reads data), and leaves nothing behind: keras and tf.keras
+    import as usual afterwards. In a fresh process (this one imported TensorFlow already)."""
+    import subprocess
+    import sys
+
+    from child_env import child_env  # tests/child_env.py
+
+    script = ("import sys; import fgnet_jax.data; "
+              "print(sorted(m for m in sys.modules if m == 'keras' or m.startswith('keras.'))[:3]); "
+              "import keras, tensorflow as tf; print(tf.keras.optimizers.SGD.__module__)")
+    result = subprocess.run([sys.executable, "-c", script], env=child_env(TF_CPP_MIN_LOG_LEVEL="3"),
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = result.stdout.strip().splitlines()[-2:]
+    assert before == "[]"
+    assert after.startswith("keras.")

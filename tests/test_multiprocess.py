@@ -70,8 +70,8 @@ def _free_port() -> int:
 
 
 def _env(cache_dir):
-    return child_env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", TF_CPP_MIN_LOG_LEVEL="2")
+    # The command line caches every program itself (experiments/compilation.py); only the directory is set here.
+    return child_env(JAX_COMPILATION_CACHE_DIR=str(cache_dir), TF_CPP_MIN_LOG_LEVEL="2")
 
 
 def _command(data_root, workdir, devices, *extra):

@@ -24,8 +24,9 @@ NOTEBOOK = NOTEBOOK_DIR / "exact_vs_first_order.ipynb"
 sys.path.insert(0, str(NOTEBOOK_DIR))
 
 import meta_study as ms  # lives beside the notebook, found through the path above
+from child_env import child_env  # tests/child_env.py
 
-DEVICE_FLAG = "--xla_force_host_platform_device_count"
+CONVOLUTION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 
 def _require(module_name):
@@ -35,15 +36,11 @@ def _require(module_name):
 
 
 def _kernel_environment():
-    """This process's environment for the kernel, less the 4 simulated devices of tests/conftest.py.
-
-    The notebook is single-device; the simulated devices would only split the CPU thread pool.
-    """
-    env = dict(os.environ, FGNET_NOTEBOOK_FAST="1")
-    flags = [flag for flag in env.get("XLA_FLAGS", "").split() if not flag.startswith(DEVICE_FLAG)]
-    env["XLA_FLAGS"] = " ".join(flags)
-    env.pop("NPROC", None)
-    return env
+    """The kernel's environment: a child process's (tests/child_env.py: the XLA flags the suite
+    was started with, one device, as a user's kernel) in the fast setting, with the CPU
+    convolution choice tests/conftest.py made for this process (faster here)."""
+    convolutions = [flag for flag in os.environ.get("XLA_FLAGS", "").split() if flag.startswith(CONVOLUTION_FLAG)]
+    return child_env(*convolutions, FGNET_NOTEBOOK_FAST="1")
 
 
 @pytest.mark.slow

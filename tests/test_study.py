@@ -82,6 +82,11 @@ def test_table_has_every_variant_with_its_settings(fast_study):
     # Selection kept fractions per group, for the variant that selects.
     assert set(result["variants"]["exact_selection"]["kept_fraction"]) == {"related", "unrelated"}
     assert any(line.startswith("study: run 5/5") for line in lines)
+    # Stage 1 ran once (in the first variant's run), and exact_selection took exact's stage 2.
+    copied = [line for line in lines if "copied from another variant's run" in line]
+    assert len(copied) == 4 and all("auxiliary_pretrain" in line for line in copied), copied
+    assert [line for line in copied if "meta_train" in line] == [
+        line for line in copied if line.startswith("study: exact_selection seed 0 ")], copied
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ Missing files raise :class:`DatasetNotFoundError` with a one-line message; see d
 from fgnet_jax.data import _compat
 
 _compat.ensure_importlib_resources()
+_compat.import_tensorflow_without_keras()
 
 from fgnet_jax.data.errors import CorruptImageError, DatasetFormatError, DatasetNotFoundError  # noqa: E402
 from fgnet_jax.data.folder import index_image_folder, load_image_folder  # noqa: E402
