@@ -130,7 +130,11 @@ def _share_finished_stages(root: str, variant: str, seed: int, config) -> list[s
             source = os.path.join(source_run, stage)
             if other == variant or not os.path.exists(os.path.join(source, "result.json")):
                 continue
-            shutil.copytree(source, target)
+            # Copied beside it, then renamed: an interrupted copy never looks like a started stage.
+            partial = f"{target}.copying"
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(source, partial)
+            os.replace(partial, target)
             source_metrics = os.path.join(source_run, "metrics.jsonl")
             if os.path.exists(source_metrics):
                 with open(source_metrics) as handle:

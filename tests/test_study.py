@@ -138,3 +138,35 @@ def test_paired_interval_and_variant_configs(tiny_config):
     assert study.variant_config(base, "exact_selection").meta.method == "hvp_jvp"
     with pytest.raises(ValueError):
         study.variant_config(base, "nope")
+
+
+def test_shared_stages_are_copied_whole_with_their_metrics(tiny_config, tmp_path):
+    """What _share_finished_stages copies: stage 1 from any variant that finished it, stage 2
+    only between exact and exact_selection, each with its metrics lines, never a stage already
+    started, and never half a copy (a stale partial copy is replaced)."""
+    config = tiny_config()
+
+    def finished(variant, stage):
+        folder = tmp_path / variant / "seed0" / stage
+        (folder / "best" / "3").mkdir(parents=True)
+        (folder / "best" / "3" / "state").write_text(f"{variant} {stage}")
+        (folder / "result.json").write_text("{}")
+        with open(tmp_path / variant / "seed0" / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps({"stage": stage, "step": 1, "variant": variant}) + "\n")
+
+    finished("finetune_only", "auxiliary_pretrain")
+    finished("exact", "meta_train")
+    (tmp_path / "exact_selection" / "seed0" / "meta_train.copying" / "junk").mkdir(parents=True)  # a crash's leftover
+
+    assert study._share_finished_stages(str(tmp_path), "exact_selection", 0, config) == ["auxiliary_pretrain",
+                                                                                         "meta_train"]
+    run = tmp_path / "exact_selection" / "seed0"
+    assert (run / "meta_train" / "best" / "3" / "state").read_text() == "exact meta_train"
+    assert (run / "auxiliary_pretrain" / "best" / "3" / "state").read_text() == "finetune_only auxiliary_pretrain"
+    assert sorted(p.name for p in run.iterdir()) == ["auxiliary_pretrain", "meta_train", "metrics.jsonl"]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["variant"]) for r in records] == [("auxiliary_pretrain", "finetune_only"),
+                                                            ("meta_train", "exact")]
+    # Stage 2 is not shared with first_order; a stage already there is left alone.
+    assert study._share_finished_stages(str(tmp_path), "first_order", 0, config) == ["auxiliary_pretrain"]
+    assert study._share_finished_stages(str(tmp_path), "exact_selection", 0, config) == []
