@@ -129,7 +129,8 @@ def describe(name: str, record: dict) -> str:
     counts = ", ".join(f"{n} {kind}" for kind, n in record["counts"].items())
     env = " ".join(f"{k}={v}" for k, v in record["env"].items())
     return (f"{name}: {clock(record['seconds'])} ({counts}; exit {record['exit_code']}) - "
-            f"{env + ' ' if env else ''}{record['command']} - {record['cores']}-core {record['cpu']}, "
+            f"{env + ' ' if env else ''}{record['command']} - {record['cores']}-core {record['cpu']} "
+            f"({'AVX-512' if record.get('avx512') else 'AVX2, no AVX-512'}), "
             f"{record['date']}, jax {record['jax']}{' - ' + record['note'] if record.get('note') else ''}")
 
 
