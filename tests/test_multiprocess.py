@@ -21,6 +21,7 @@ import pytest
 
 from child_env import child_env  # tests/child_env.py
 from tiny_config import PARALLELISM  # tests/tiny_config.py
+from two_process_steps import FEATURES, global_batch  # tests/two_process_steps.py
 
 pytestmark = pytest.mark.slow
 
@@ -85,15 +86,11 @@ def run_single(data_root, workdir, cache_dir, devices, *extra):
     return [(result.returncode, result.stdout, result.stderr)]
 
 
-def run_processes(data_root, workdir, cache_dir, num_processes=2, devices=2, per_process_extra=None, timeout=900):
-    """``num_processes`` local processes of one distributed run; [(returncode, stdout, stderr)] in process order."""
-    address = f"127.0.0.1:{_free_port()}"
-    processes = []
-    for rank in range(num_processes):
-        extra = [f"--coordinator_address={address}", f"--num_processes={num_processes}", f"--process_id={rank}",
-                 *(per_process_extra[rank] if per_process_extra else [])]
-        processes.append(subprocess.Popen(_command(data_root, workdir, devices, *extra), cwd=ROOT, env=_env(cache_dir),
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+def run_together(commands, env, timeout=900):
+    """Start every command at once and wait for all: [(returncode, stdout, stderr)] in order
+    (any still running after ``timeout`` seconds is killed)."""
+    processes = [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for command in commands]
     results = []
     try:
         for process in processes:
@@ -105,6 +102,16 @@ def run_processes(data_root, workdir, cache_dir, num_processes=2, devices=2, per
                 process.kill()
                 process.communicate()
     return results
+
+
+def run_processes(data_root, workdir, cache_dir, num_processes=2, devices=2, per_process_extra=None, timeout=900):
+    """``num_processes`` local processes of one distributed run; [(returncode, stdout, stderr)] in process order."""
+    address = f"127.0.0.1:{_free_port()}"
+    commands = [_command(data_root, workdir, devices, f"--coordinator_address={address}",
+                         f"--num_processes={num_processes}", f"--process_id={rank}",
+                         *(per_process_extra[rank] if per_process_extra else []))
+                for rank in range(num_processes)]
+    return run_together(commands, _env(cache_dir), timeout)
 
 
 def final_params(workdir, step=STEPS):
@@ -236,22 +243,11 @@ def test_both_parallel_paths_run_two_processes_like_one_global_batch(tmp_path):
     program's first run), the second reuses the executable. Regression: a multi-process
     ``pmap`` executable compiled ahead of time takes global arrays, not a process's slice, and
     its first call failed with "Argument types differ"."""
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from two_process_steps import FEATURES, global_batch  # tests/two_process_steps.py
-
     address = f"127.0.0.1:{_free_port()}"
     script = os.path.join(ROOT, "tests", "two_process_steps.py")
     outputs = [tmp_path / f"process_{rank}.json" for rank in range(2)]
-    processes = [subprocess.Popen([sys.executable, script, address, str(rank), str(outputs[rank])], cwd=ROOT,
-                                  env=child_env(TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    try:
-        outputs_and_errors = [process.communicate(timeout=300) for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    _assert_ok([(process.returncode, *streams) for process, streams in zip(processes, outputs_and_errors)])
+    _assert_ok(run_together([[sys.executable, script, address, str(rank), str(outputs[rank])] for rank in range(2)],
+                            child_env(TF_CPP_MIN_LOG_LEVEL="2"), timeout=300))
 
     batch = global_batch()
     x, y = batch["x"], batch["y"]
