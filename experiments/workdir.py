@@ -80,9 +80,14 @@ class MetricLogger:
         self.enabled = enabled
         self._writer = None
         if enabled:
-            from flax.metrics import tensorboard
+            # TensorFlow's own summary writer: flax.metrics.tensorboard writes the same events but
+            # imports TensorBoard's hparams plugin, and with it Keras (about 3 s per run start).
+            from fgnet_jax.data._compat import import_tensorflow_without_keras
 
-            self._writer = tensorboard.SummaryWriter(os.path.join(workdir, "tb"))
+            import_tensorflow_without_keras()
+            import tensorflow as tf
+
+            self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
 
     def forget_after(self, stage: str, step: int) -> None:
         """Drop records of ``stage`` beyond ``step`` (written before an interruption)."""
@@ -102,8 +107,11 @@ class MetricLogger:
         record = {"stage": stage, "step": int(step), **{k: float(v) for k, v in metrics.items()}}
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        for key, value in metrics.items():
-            self._writer.scalar(f"{stage}/{key}", float(value), int(step))
+        import tensorflow as tf
+
+        with self._writer.as_default():
+            for key, value in metrics.items():
+                tf.summary.scalar(f"{stage}/{key}", float(value), step=int(step))
         self._writer.flush()
 
     def records(self) -> list[dict]:

@@ -303,16 +303,20 @@ def test_batch_layout_positions():
 
 
 @pytest.mark.slow
-def test_importing_the_data_package_skips_tensorflows_keras_import_and_keras_still_works():
+def test_importing_the_data_package_skips_tensorflows_keras_import_and_keras_still_works(tmp_path):
     """fgnet_jax.data imports TensorFlow without the Keras import TensorFlow makes on load (a
-    speed-up of every process that reads data), and leaves nothing behind: keras and tf.keras
-    import as usual afterwards. In a fresh process (this one imported TensorFlow already)."""
+    speed-up of every process that reads data), and so does the experiment's TensorBoard writer
+    (flax.metrics.tensorboard would import Keras through TensorBoard's hparams plugin); nothing is
+    left behind: keras and tf.keras import as usual afterwards. In a fresh process (this one
+    imported TensorFlow already). The writer's events read back with the values written."""
     import subprocess
     import sys
 
     from child_env import child_env  # tests/child_env.py
 
-    script = ("import sys; import fgnet_jax.data; "
+    script = ("import sys; import fgnet_jax.data; from experiments.workdir import MetricLogger; "
+              f"logger = MetricLogger({str(tmp_path)!r}, True); "
+              "logger.write('meta_train', 3, {'loss': 1.5}); logger.write('finetune', 7, {'val_accuracy': 0.25}); "
               "print(sorted(m for m in sys.modules if m == 'keras' or m.startswith('keras.'))[:3]); "
               "import keras, tensorflow as tf; print(tf.keras.optimizers.SGD.__module__)")
     result = subprocess.run([sys.executable, "-c", script], env=child_env(TF_CPP_MIN_LOG_LEVEL="3"),
@@ -321,3 +325,10 @@ def test_importing_the_data_package_skips_tensorflows_keras_import_and_keras_sti
     before, after = result.stdout.strip().splitlines()[-2:]
     assert before == "[]"
     assert after.startswith("keras.")
+
+    import tensorflow as tf
+
+    (events_file,) = (tmp_path / "tb").iterdir()
+    scalars = [(value.tag, event.step, float(tf.make_ndarray(value.tensor)))
+               for event in tf.compat.v1.train.summary_iterator(str(events_file)) for value in event.summary.value]
+    assert scalars == [("meta_train/loss", 3, 1.5), ("finetune/val_accuracy", 7, 0.25)]
