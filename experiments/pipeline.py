@@ -11,12 +11,15 @@
 Each stage is a module of experiments/stages; each trains in its own folder of the workdir,
 checkpoints, resumes after an interruption and is skipped once complete (see
 experiments/runner.py and experiments/workdir.py). A stage whose length is 0 passes its input
-on; stage 4 without stage 2 is refused (it needs the selection).
+on; stage 4 without stage 2 is refused (it needs the selection). A finished run (its
+summary.json written last, every stage's result present) is reported again from its
+summary, without loading weights or evaluating.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 import ml_collections
 
@@ -27,7 +30,7 @@ from experiments.context import AXIS, Interrupted, NonFiniteLossError, StopFlag,
 from experiments.report import format_summary  # noqa: F401
 from experiments.runner import cached_step, evaluate
 from experiments.stages import auxiliary_pretrain, finetune, meta_train, selection, start_weights
-from experiments.workdir import UsageError, write_json_atomic  # noqa: F401
+from experiments.workdir import UsageError, read_json, write_json_atomic  # noqa: F401
 from fgnet_jax.train import parallel_eval_step
 
 
@@ -42,6 +45,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
     compilations = CompileCounter()
     with stop or StopFlag() as stop_flag:
         ctx = build_context(config, workdir, stop_flag, allow_config_change)
+        finished = None if allow_config_change else _finished_summary(workdir)
+        if finished is not None:
+            if ctx.is_chief:
+                print(f"{workdir} holds a finished run: its summary.json is reported, nothing is run "
+                      "(delete summary.json to evaluate its final model again)", file=sys.stderr)
+            return finished
 
         variables = start_weights.load(ctx)
         variables, stages[auxiliary_pretrain.NAME] = auxiliary_pretrain.run(ctx, variables)
@@ -61,4 +70,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
     if ctx.is_chief:
         write_json_atomic(os.path.join(workdir, "summary.json"), summary)
         report.plot_curves(ctx.logger.records(), os.path.join(workdir, "curves.png"))
+    return summary
+
+
+def _finished_summary(workdir: str) -> dict | None:
+    """The summary of a finished run in ``workdir``, or None.
+
+    summary.json is written after every stage and the test evaluation, so it marks a finished
+    run; a stage whose result.json was removed since (to redo it) makes the run unfinished.
+    Called only when the workdir's recorded config is the current one (build_context checked
+    it, and no change was allowed), so the summary is this config's."""
+    summary = read_json(os.path.join(workdir, "summary.json"))
+    if summary is None:
+        return None
+    stages = [name for name in summary.get("stages", {}) if name != selection.NAME]
+    if not all(os.path.exists(os.path.join(workdir, name, "result.json")) for name in stages):
+        return None
     return summary

@@ -146,10 +146,11 @@ def test_demo_output_is_plain_lines_and_compiles_each_step_once(reference_run):
 @pytest.mark.slow
 def test_rerun_of_finished_workdir_skips_all_work(reference_run, capsys):
     """The same command again on the finished workdir (in this process, through the command
-    line's entry point): it reports the same result and trains nothing (no step logged, no
-    stage result rewritten)."""
+    line's entry point): it reports the same result from the summary and runs nothing (no step
+    logged, no stage result or summary rewritten)."""
     base, workdir, cache, _, _ = reference_run
     before = (workdir / "summary.json").read_text()
+    summary_written = (workdir / "summary.json").stat().st_mtime_ns
     metrics_before = (workdir / "metrics.jsonl").read_text()
     results_before = {p.parent.name: p.stat().st_mtime_ns for p in workdir.glob("*/result.json")}
     code, stdout, stderr = command_line(capsys, "--demo", f"--workdir={workdir}", *TINY)
@@ -158,6 +159,8 @@ def test_rerun_of_finished_workdir_skips_all_work(reference_run, capsys):
     assert after["test_accuracy"] == json.loads(before)["test_accuracy"]
     assert "test top-1" in stdout
     assert "resuming" not in stderr
+    assert "holds a finished run: its summary.json is reported, nothing is run" in stderr
+    assert (workdir / "summary.json").stat().st_mtime_ns == summary_written
     assert (workdir / "metrics.jsonl").read_text() == metrics_before
     assert {p.parent.name: p.stat().st_mtime_ns for p in workdir.glob("*/result.json")} == results_before
 

@@ -187,6 +187,21 @@ def _latest_params(directory):
                                                                   "batch_stats": state["batch_stats"]})}
 
 
+def test_a_finished_run_is_its_summary_until_a_stage_result_is_removed(tmp_path):
+    """What makes a workdir finished: summary.json, and the result of every stage it names
+    (the selection has none); removing a stage's result (to redo it) makes it unfinished."""
+    summary = {"test_accuracy": 0.5, "stages": {"meta_train": {"steps": 4}, "selection": {"steps": 0},
+                                                "finetune": {"steps": 2}}}
+    assert pipeline._finished_summary(str(tmp_path)) is None  # an empty workdir
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    for stage in ("meta_train", "finetune"):
+        (tmp_path / stage).mkdir()
+        (tmp_path / stage / "result.json").write_text("{}")
+    assert pipeline._finished_summary(str(tmp_path)) == summary
+    (tmp_path / "finetune" / "result.json").unlink()
+    assert pipeline._finished_summary(str(tmp_path)) is None
+
+
 # ---------------------------------------------------------------- schedules and config errors
 
 
