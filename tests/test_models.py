@@ -139,18 +139,30 @@ def test_unsupported_depth_is_rejected():
 def test_forward_heads_and_train_mode_statistics(resnet10):
     model, variables = resnet10
     images = _images(1, 4)
-    target, auxiliary = model.apply(variables, images, False)
-    np.testing.assert_allclose(model.apply(variables, images, False, method=MetaFGNet.target_logits), target, rtol=1e-6)
-    np.testing.assert_allclose(
-        model.apply(variables, images, False, method=MetaFGNet.auxiliary_logits), auxiliary, rtol=1e-6
-    )
-    features = model.apply(variables, images, False, method=MetaFGNet.features)
+
+    # One compiled program (op by op, a ResNet's first forward pass dispatches and compiles
+    # every primitive on its own: several times slower in a test).
+    @jax.jit
+    def forward(variables, images):
+        return {
+            "both": model.apply(variables, images, False),
+            "target": model.apply(variables, images, False, method=MetaFGNet.target_logits),
+            "auxiliary": model.apply(variables, images, False, method=MetaFGNet.auxiliary_logits),
+            "features": model.apply(variables, images, False, method=MetaFGNet.features),
+            "train_updates": model.apply(variables, images, True, mutable=["batch_stats"])[1],
+        }
+
+    outputs = forward(variables, images)
+    target, auxiliary = outputs["both"]
+    np.testing.assert_allclose(outputs["target"], target, rtol=1e-6)
+    np.testing.assert_allclose(outputs["auxiliary"], auxiliary, rtol=1e-6)
+    features = outputs["features"]
     head = variables["params"]["target_head"]
     np.testing.assert_allclose(target, features @ head["kernel"] + head["bias"], rtol=1e-5, atol=1e-6)
     assert np.all(np.asarray(features) >= 0)  # pooled after a ReLU
 
     # Train mode: the new running mean of bn1 is 0.9 * old (zeros) + 0.1 * batch mean.
-    (_, _), updates = model.apply(variables, images, True, mutable=["batch_stats"])
+    updates = outputs["train_updates"]
     conv1 = jax.lax.conv_general_dilated(
         images,
         variables["params"]["backbone"]["conv1"]["kernel"],
@@ -205,7 +217,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits(resnet10):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(bf16_variables))
 
     images = _images(3, 4)
-    reference, _ = model.apply(variables, images, False)
+    reference, _ = jax.jit(lambda v, x: model.apply(v, x, False))(variables, images)
     (target, auxiliary), updates = jax.jit(lambda v, x: bf16_model.apply(v, x, True, mutable=["batch_stats"]))(
         variables, images
     )
@@ -226,9 +238,9 @@ def test_target_logits_with_only_the_target_parameters(resnet10):
     images, labels = _images(4, 4), jnp.array([4, 3, 2, 1])
     target_params = {name: variables["params"][name] for name in ("backbone", "target_head")}
 
-    full = model.apply(variables, images, False, method=MetaFGNet.target_logits)
-    target_variables = {"params": target_params, "batch_stats": variables["batch_stats"]}
-    partial = model.apply(target_variables, images, False, method=MetaFGNet.target_logits)
+    target_logits = jax.jit(lambda v: model.apply(v, images, False, method=MetaFGNet.target_logits))
+    full = target_logits(variables)
+    partial = target_logits({"params": target_params, "batch_stats": variables["batch_stats"]})
     np.testing.assert_array_equal(partial, full)
 
     # The meta-step differentiates the target loss w.r.t. theta^t = [backbone, target_head] only.
@@ -247,13 +259,9 @@ def test_target_logits_with_only_the_target_parameters(resnet10):
     assert float(jnp.abs(grads["target_head"]["kernel"]).max()) > 0
 
     # ...and the auxiliary head really is absent, not silently re-created.
-    with pytest.raises(flax.errors.ScopeParamNotFoundError):
-        model.apply(
-            {"params": target_params, "batch_stats": variables["batch_stats"]},
-            images,
-            False,
-            method=MetaFGNet.auxiliary_logits,
-        )
+    with pytest.raises(flax.errors.ScopeParamNotFoundError):  # raised while tracing: nothing need run
+        jax.eval_shape(lambda: model.apply({"params": target_params, "batch_stats": variables["batch_stats"]},
+                                           images, False, method=MetaFGNet.auxiliary_logits))
 
 
 def test_fresh_target_head(resnet10):
@@ -269,9 +277,9 @@ def test_fresh_target_head(resnet10):
     resized = fresh_target_head(params, _key(9), num_classes=11)
     assert resized["target_head"]["kernel"].shape == (512, 11)
     resized_variables = {"params": resized, "batch_stats": variables["batch_stats"]}
-    logits = MetaFGNet(DEPTH, 11, NUM_AUXILIARY).apply(
-        resized_variables, _images(5, 2), False, method=MetaFGNet.target_logits
-    )
+    logits = jax.eval_shape(lambda v, x: MetaFGNet(DEPTH, 11, NUM_AUXILIARY).apply(v, x, False,
+                                                                                     method=MetaFGNet.target_logits),
+                            resized_variables, _images(5, 2))
     assert logits.shape == (2, 11)
 
 
