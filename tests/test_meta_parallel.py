@@ -4,8 +4,9 @@ Four simulated CPU devices (tests/conftest.py), float64, a loss whose BatchNorm 
 are averaged across devices (so each device's loss depends on every shard). The reference is
 one device with the concatenated batches; the parallel forms are ``jax.pmap``,
 ``jax.shard_map`` with its varying-axis checks on (``check_vma=True``, where JAX sums
-gradients with respect to replicated parameters by itself) and off, and ``jax.jit`` over
-batches sharded with a ``NamedSharding`` (no axis name).
+gradients with respect to replicated parameters by itself) and off, ``jax.jit`` over
+batches sharded with a ``NamedSharding`` (no axis name), and ``jax.vmap`` with an
+``axis_name`` (the shards as a batch axis on one device, the collectives over it).
 """
 
 import functools
@@ -23,7 +24,7 @@ from fgnet_jax.meta import METHODS, meta_value_and_grad
 NUM_DEVICES = 4
 PER_DEVICE = 3
 AXIS = "batch"
-PARALLEL_FORMS = ("pmap", "shard_map_check_vma", "shard_map_no_check_vma", "jit_sharded")
+PARALLEL_FORMS = ("pmap", "shard_map_check_vma", "shard_map_no_check_vma", "jit_sharded", "vmap")
 
 
 @pytest.fixture(autouse=True)
@@ -62,10 +63,11 @@ def parallel_result(form, method, inner_steps):
         return step(params, inner, outer)
     synced_loss = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE, axis_name=AXIS)[0]
     step = lambda p, i, o: meta_value_and_grad(synced_loss, p, i, o, axis_name=AXIS, **kwargs)
-    if form == "pmap":
-        (loss, stats), grads = jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, 0))(params, shard_leading(inner),
-                                                                                   shard_leading(outer))
-        for device in range(1, NUM_DEVICES):  # every device returns the same (global) result
+    if form in ("pmap", "vmap"):
+        mapped = (jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, 0)) if form == "pmap"
+                  else fast_compile_jit(jax.vmap(step, axis_name=AXIS, in_axes=(None, 0, 0))))
+        (loss, stats), grads = mapped(params, shard_leading(inner), shard_leading(outer))
+        for device in range(1, NUM_DEVICES):  # every device (or vmap lane) returns the same (global) result
             assert relative_error(jax.tree_util.tree_map(lambda x: x[device], grads),
                                   jax.tree_util.tree_map(lambda x: x[0], grads)) == 0
         return jax.tree_util.tree_map(lambda x: x[0], ((loss, stats), grads))
@@ -77,10 +79,12 @@ def parallel_result(form, method, inner_steps):
 
 
 # The fast tier keeps one inner step under shard_map with check_vma (the experiment's default
-# path) for every method; the full suite runs every form, method and K.
+# path) for every method; the full suite runs every form, method and K (vmap with K = 2 only:
+# the rolled loop with the collectives inside; the other forms cover K = 1's collectives).
 CASES = [pytest.param(form, method, inner_steps,
                       marks=() if form == "shard_map_check_vma" and inner_steps == 1 else pytest.mark.slow)
-         for form in PARALLEL_FORMS for method in METHODS for inner_steps in (1, 2)]
+         for form in PARALLEL_FORMS for method in METHODS for inner_steps in (1, 2)
+         if not (form == "vmap" and inner_steps == 1)]
 
 
 @pytest.mark.parametrize("form, method, inner_steps", CASES)
