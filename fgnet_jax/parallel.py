@@ -64,10 +64,10 @@ def _call_compiled_pmap(compiled, args, axis_name: str):
     """Run a multi-process ``pmap`` executable compiled ahead of time on host-local arguments.
 
     ``jax.pmap(f).lower(...).compile()`` (pmap as jax 0.10 implements it, on ``jit`` of
-    ``shard_map``) is compiled for *global* arrays ``[all devices, ...]`` while ``pmap`` itself takes and returns each process's ``[local devices, ...]`` slice (JAX
-    converts them inside its own call, not for AOT executables). So convert here: every input
-    and output of the pmap path is stacked along its leading axis over the executable's mesh
-    of all processes' devices.
+    ``shard_map``) is compiled for *global* arrays ``[all devices, ...]`` while ``pmap`` itself
+    takes and returns each process's ``[local devices, ...]`` slice (JAX converts them inside its
+    own call, not for AOT executables). So convert here: every input and output of the pmap path
+    is stacked along its leading axis over the executable's mesh of all processes' devices.
     """
     from jax.experimental import multihost_utils
 
