@@ -50,7 +50,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
             if ctx.is_chief:
                 print(f"{workdir} holds a finished run: its summary.json is reported, nothing is run "
                       "(delete summary.json to evaluate its final model again)", file=sys.stderr)
-            return finished
+            # What this invocation compiled (nothing of the run's), not what the finished run did.
+            return dict(finished, compilations=compilations.summary())
 
         variables = start_weights.load(ctx)
         variables, stages[auxiliary_pretrain.NAME] = auxiliary_pretrain.run(ctx, variables)

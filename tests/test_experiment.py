@@ -160,6 +160,7 @@ def test_rerun_of_finished_workdir_skips_all_work(reference_run, capsys):
     assert "test top-1" in stdout
     assert "resuming" not in stderr
     assert "holds a finished run: its summary.json is reported, nothing is run" in stderr
+    assert "compilations: 0 programs compiled, 0 loaded" in stdout  # this call's, not the finished run's
     assert (workdir / "summary.json").stat().st_mtime_ns == summary_written
     assert (workdir / "metrics.jsonl").read_text() == metrics_before
     assert {p.parent.name: p.stat().st_mtime_ns for p in workdir.glob("*/result.json")} == results_before
