@@ -7,6 +7,9 @@
     python -m benchmarks.test_suite run --name full_pmap --parallelism pmap
     # the README's lines, regenerated from the committed results
     python -m benchmarks.test_suite report
+    # where the time goes: every test's durations in the log, summed per test file
+    python -m benchmarks.test_suite run --name durations --all_durations
+    python -m benchmarks.test_suite modules benchmarks/results/cpu_test_suite_durations.log
 
 ``run`` calls ``python -m pytest -q -n WORKERS [-m MARKER] tests`` (the README's test command
 is the full tier with 2 workers), keeps its output in ``benchmarks/results/cpu_test_suite_NAME.log``
@@ -26,6 +29,8 @@ import re
 import subprocess
 import sys
 
+# pytest's --durations lines: "23.20s call     tests/test_meta_inner.py::test_x[a-b]".
+DURATION = re.compile(r"^(?P<seconds>[0-9.]+)s (?P<phase>setup|call|teardown) +(?P<file>[^:\s]+)::", re.MULTILINE)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 RESULTS_FILE = os.path.join(RESULTS, "cpu_test_suite.json")
@@ -83,6 +88,8 @@ def run(args) -> int:
     command = [sys.executable, "-m", "pytest", "-q", "-n", str(args.workers)]
     if args.marker:
         command += ["-m", args.marker]
+    if args.all_durations:
+        command += ["--durations=0"]  # every test's setup and call, for `modules`
     command += args.paths
     env = dict(os.environ)
     if args.xla_flags:
@@ -97,8 +104,9 @@ def run(args) -> int:
     with open(log_path) as log:
         outcome = parse_summary(log.read())
     record = {
-        "command": "python -m pytest -q -n {} {}{}".format(args.workers, f'-m "{args.marker}" ' if args.marker else "",
-                                                         " ".join(args.paths)),
+        "command": "python -m pytest -q -n {} {}{}{}".format(args.workers, f'-m "{args.marker}" ' if args.marker else "",
+                                                           "--durations=0 " if args.all_durations else "",
+                                                           " ".join(args.paths)),
         "env": {k: v for k, v in (("XLA_FLAGS", args.xla_flags), ("FGNET_TEST_PARALLELISM", args.parallelism)) if v},
         "exit_code": process.returncode,
         **outcome,
@@ -144,6 +152,31 @@ def report(_args) -> int:
     return 0
 
 
+def seconds_per_file(output: str) -> dict[str, float]:
+    """Setup, call and teardown seconds of every test in pytest's ``--durations`` lines, summed
+    per test file, most expensive first. Worker-seconds: with ``-n 2`` two files run at once, so
+    the sum over files is about twice the wall time."""
+    totals: dict[str, float] = {}
+    for match in DURATION.finditer(output):
+        totals[match["file"]] = totals.get(match["file"], 0.0) + float(match["seconds"])
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
+def modules(args) -> int:
+    with open(args.log) as handle:
+        output = handle.read()
+    totals = seconds_per_file(output)
+    if not totals:
+        print(f"{args.log}: no --durations lines (record it with `run --all_durations`)")
+        return 1
+    overall = sum(totals.values())
+    wall = parse_summary(output)["seconds"]
+    print(f"{args.log}: {overall:.0f} test-seconds over {len(totals)} files, {wall:.0f} s wall")
+    for name, seconds in totals.items():
+        print(f"{seconds:8.1f} s {100 * seconds / overall:5.1f} %  {name}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,10 +187,15 @@ def main() -> int:
     run_parser.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS, e.g. --xla_cpu_max_isa=AVX2")
     run_parser.add_argument("--parallelism", choices=("shard_map", "pmap"), default="",
                             help="FGNET_TEST_PARALLELISM for the pipeline runs")
+    run_parser.add_argument("--all_durations", action="store_true",
+                            help="pytest --durations=0: every test's time in the log (see `modules`)")
     run_parser.add_argument("--note", default="", help="free text kept with the record (e.g. 'clean clone')")
     run_parser.add_argument("paths", nargs="*", default=["tests"], help="test files or folders (default: tests)")
     run_parser.set_defaults(handler=run)
     commands.add_parser("report", help="print the recorded runs").set_defaults(handler=report)
+    modules_parser = commands.add_parser("modules", help="seconds per test file, from a log's --durations lines")
+    modules_parser.add_argument("log", help="a run's log, e.g. benchmarks/results/cpu_test_suite_durations.log")
+    modules_parser.set_defaults(handler=modules)
     args = parser.parse_args()
     return args.handler(args)
 
