@@ -89,7 +89,7 @@ def run(args) -> int:
     if args.marker:
         command += ["-m", args.marker]
     if args.all_durations:
-        command += ["--durations=0"]  # every test's setup and call, for `modules`
+        command += ["--durations=0"]  # every test's setup, call and teardown, for `modules`
     command += args.paths
     env = dict(os.environ)
     if args.xla_flags:
@@ -163,15 +163,23 @@ def seconds_per_file(output: str) -> dict[str, float]:
 
 
 def modules(args) -> int:
-    with open(args.log) as handle:
-        output = handle.read()
+    try:
+        with open(args.log) as handle:
+            output = handle.read()
+    except OSError as error:
+        print(f"error: cannot read {args.log} ({error.strerror}); the logs are benchmarks/results/cpu_test_suite_*.log",
+              file=sys.stderr)
+        return 2
     totals = seconds_per_file(output)
     if not totals:
-        print(f"{args.log}: no --durations lines (record it with `run --all_durations`)")
+        print(f"error: {args.log} has no --durations lines (record a run with `run --all_durations`)", file=sys.stderr)
         return 1
     overall = sum(totals.values())
-    wall = parse_summary(output)["seconds"]
-    print(f"{args.log}: {overall:.0f} test-seconds over {len(totals)} files, {wall:.0f} s wall")
+    try:
+        wall = f"{parse_summary(output)['seconds']:.0f} s wall"
+    except ValueError:
+        wall = "no pytest summary line (an interrupted run?)"
+    print(f"{args.log}: {overall:.0f} test-seconds over {len(totals)} files, {wall}")
     for name, seconds in totals.items():
         print(f"{seconds:8.1f} s {100 * seconds / overall:5.1f} %  {name}")
     return 0
