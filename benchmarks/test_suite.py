@@ -104,9 +104,8 @@ def run(args) -> int:
     with open(log_path) as log:
         outcome = parse_summary(log.read())
     record = {
-        "command": "python -m pytest -q -n {} {}{}{}".format(args.workers, f'-m "{args.marker}" ' if args.marker else "",
-                                                           "--durations=0 " if args.all_durations else "",
-                                                           " ".join(args.paths)),
+        # The command as run, with "python" for the interpreter's path and a marker quoted for the shell.
+        "command": " ".join(["python", *(f'"{part}"' if " " in part else part for part in command[1:])]),
         "env": {k: v for k, v in (("XLA_FLAGS", args.xla_flags), ("FGNET_TEST_PARALLELISM", args.parallelism)) if v},
         "exit_code": process.returncode,
         **outcome,
