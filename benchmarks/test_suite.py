@@ -13,7 +13,8 @@
 
 ``run`` calls ``python -m pytest -q -n WORKERS [-m MARKER] tests`` (the README's test command
 is the full tier with 2 workers), keeps its output in ``benchmarks/results/cpu_test_suite_NAME.log``
-and its outcome (passed, failed, pytest's own "in N s", the machine) in
+and its outcome (passed, failed, pytest's own "in N s", the CPU-seconds of every process, the
+machine, and its speed just before and after: seconds for 10**7 additions in a Python loop) in
 ``benchmarks/results/cpu_test_suite.json``. The time is pytest's: collection and tests, not the
 installation. One run per name; rerunning a name replaces it.
 """
@@ -26,6 +27,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 
@@ -75,6 +77,24 @@ def parse_summary(output: str) -> dict:
     return {"counts": counts, "seconds": float(last["seconds"])}
 
 
+def python_loop_seconds(repeats: int = 3) -> float:
+    """The machine's speed at the moment: seconds for 10**7 additions in a plain Python loop,
+    the median of ``repeats``. The suite is mostly single-threaded Python (tracing) and XLA
+    compilation, which slow down together when a shared host is busy; a suite time means
+    little without the speed it ran at (the same checkout on the same 2-core machine has taken
+    13 min 52 s and 22 min 35 s)."""
+    import time
+
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total = 0
+        for number in range(10**7):
+            total += number
+        timings.append(time.perf_counter() - start)
+    return sorted(timings)[len(timings) // 2]
+
+
 def load_results() -> dict:
     if not os.path.exists(RESULTS_FILE):
         return {}
@@ -98,9 +118,13 @@ def run(args) -> int:
         env["FGNET_TEST_PARALLELISM"] = args.parallelism
     os.makedirs(RESULTS, exist_ok=True)
     log_path = os.path.join(RESULTS, f"cpu_test_suite_{args.name}.log")
-    print(f"running: {' '.join(command)} (log: {os.path.relpath(log_path, ROOT)})", flush=True)
+    speed_before = python_loop_seconds()
+    print(f"running: {' '.join(command)} (log: {os.path.relpath(log_path, ROOT)}); "
+          f"Python loop {speed_before:.2f} s", flush=True)
     with open(log_path, "w") as log:
         process = subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, check=False)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)  # pytest, its workers and every process they waited for
+    speed_after = python_loop_seconds()
     with open(log_path) as log:
         outcome = parse_summary(log.read())
     record = {
@@ -116,6 +140,8 @@ def run(args) -> int:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "note": args.note,
+        "python_loop_seconds": [round(speed_before, 2), round(speed_after, 2)],
+        "cpu_seconds": round(children.ru_utime + children.ru_stime),
     }
     results = load_results()
     results[args.name] = record
@@ -135,7 +161,11 @@ def clock(seconds: float) -> str:
 def describe(name: str, record: dict) -> str:
     counts = ", ".join(f"{n} {kind}" for kind, n in record["counts"].items())
     env = " ".join(f"{k}={v}" for k, v in record["env"].items())
-    return (f"{name}: {clock(record['seconds'])} ({counts}; exit {record['exit_code']}) - "
+    speed = ""
+    if "python_loop_seconds" in record:  # recorded since 2026-12-03
+        before, after = record["python_loop_seconds"]
+        speed = f"; {record['cpu_seconds']} CPU-s, Python loop {before:.2f} s before / {after:.2f} s after"
+    return (f"{name}: {clock(record['seconds'])} ({counts}; exit {record['exit_code']}{speed}) - "
             f"{env + ' ' if env else ''}{record['command']} - {record['cores']}-core {record['cpu']} "
             f"({'AVX-512' if record.get('avx512') else 'AVX2, no AVX-512'}), "
             f"{record['date']}, jax {record['jax']}{' - ' + record['note'] if record.get('note') else ''}")

@@ -52,11 +52,35 @@ import tiny_config as tiny_config_lib  # noqa: E402  (tests/tiny_config.py)
 # the workers in collection order, so starting with the longest ones keeps both workers busy to
 # the end instead of leaving one long module to run alone. Only the order depends on this list.
 HEAVIEST_FIRST = (
-    "test_multiprocess.py", "test_experiment.py", "test_study.py", "test_pipeline.py", "test_meta_inner.py",
+    "test_multiprocess.py", "test_experiment.py", "test_pipeline.py", "test_study.py", "test_meta_inner.py",
     "test_notebook.py", "test_meta_parallel.py", "test_recipes.py", "test_models.py", "test_meta.py",
     "test_parallel.py", "test_readme_snippets.py", "test_metafgnet_vs_torch.py", "test_mixed_precision.py",
     "test_cpu_devices.py",
 )
+
+
+# Modules that build the same programs (the tiny config's steps, in process), handed to one
+# worker as one unit, in the order above: the study then runs the stage-1, first-order,
+# fine-tuning, evaluation and scoring steps the pipeline tests' tiny run compiled (experiments
+# .runner.cached_step keeps them per process) instead of compiling them again beside it, on
+# the other worker, at the same time.
+SAME_WORKER = {"test_pipeline.py": "tiny_pipeline_runs", "test_study.py": "tiny_pipeline_runs"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadfile`` (setup.cfg) with the modules of SAME_WORKER as one unit; any other
+    ``--dist`` is left to pytest-xdist."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LoadFileSharingCompilations(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            path = super()._split_scope(nodeid)
+            return SAME_WORKER.get(os.path.basename(path), path)
+
+    return LoadFileSharingCompilations(config, log)
 
 
 def pytest_collection_modifyitems(session, config, items):

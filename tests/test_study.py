@@ -2,7 +2,8 @@
 
 The data and base config are the session's tiny ones (tests/tiny_config.py), so the compiled
 stage-1, fine-tuning, evaluation and first-order steps are those the tiny run (tests/conftest.py)
-already compiled in this process; the joint (eta = 0) and exact steps compile here.
+already compiled in this process (tests/conftest.py hands this module and test_pipeline.py to
+one worker, the pipeline first); the joint (eta = 0) and exact steps compile here.
 """
 
 import json

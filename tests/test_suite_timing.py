@@ -30,3 +30,12 @@ def test_summary_line_gives_counts_and_seconds():
     assert test_suite.parse_summary(LOG) == {"counts": {"passed": 5, "skipped": 1}, "seconds": 301.54}
     with pytest.raises(ValueError, match="no pytest summary line"):
         test_suite.parse_summary("ImportError while loading conftest")
+
+
+def test_record_is_described_with_the_machine_speed_when_it_has_one():
+    record = {"counts": {"passed": 5}, "seconds": 754.0, "exit_code": 0, "env": {}, "command": "python -m pytest -q tests",
+              "cores": 2, "cpu": "Some CPU", "avx512": False, "date": "2026-12-03", "jax": "0.10.2", "note": ""}
+    older = test_suite.describe("full", record)
+    assert older.startswith("full: 12 min 34 s (5 passed; exit 0) - python -m pytest") and "Python loop" not in older
+    newer = test_suite.describe("full", dict(record, python_loop_seconds=[2.21, 1.5], cpu_seconds=1400))
+    assert "(5 passed; exit 0; 1400 CPU-s, Python loop 2.21 s before / 1.50 s after)" in newer
