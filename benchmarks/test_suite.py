@@ -81,8 +81,8 @@ def python_loop_seconds(repeats: int = 3) -> float:
     """The machine's speed at the moment: seconds for 10**7 additions in a plain Python loop,
     the median of ``repeats``. The suite is mostly single-threaded Python (tracing) and XLA
     compilation, which slow down together when a shared host is busy; a suite time means
-    little without the speed it ran at (the same checkout on the same 2-core machine has taken
-    13 min 52 s and 22 min 35 s)."""
+    little without the speed it ran at (on the same 2-core machine, 9643157 took 13 min 52 s and
+    ea12d43, two tests more, 22 min 35 s, each test 1.5-2.5x as long)."""
     import time
 
     timings = []
