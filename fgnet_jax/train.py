@@ -117,6 +117,10 @@ class MetaStepConfig:
       decay_factor: that factor.
       batch_stats_from: which passes update the BatchNorm running statistics, one of
         :data:`BATCH_STATS_SOURCES` (module docstring).
+
+    ``inner_lr`` and ``auxiliary_weight`` may be traced scalars: a config built inside a
+    jitted function from its arguments lets one compilation serve every :math:`\\eta` and
+    :math:`\\lambda` (the >= 0 check then applies only to concrete values).
     """
 
     method: str = "hvp_jvp"
@@ -130,7 +134,9 @@ class MetaStepConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown meta-gradient method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.inner_lr < 0 or self.auxiliary_weight < 0:
+        # Traced values (a sweep over eta or lambda inside one jit) are checked by whoever made them concrete.
+        concrete = [value for value in (self.inner_lr, self.auxiliary_weight) if not isinstance(value, jax.core.Tracer)]
+        if any(value < 0 for value in concrete):
             raise ValueError(f"inner_lr and auxiliary_weight must be >= 0, got {self.inner_lr}, {self.auxiliary_weight}")
         if self.inner_steps < 1:
             raise ValueError(f"inner_steps must be >= 1, got {self.inner_steps}")

@@ -21,6 +21,7 @@ import pytest
 
 from fgnet_jax.models import MetaFGNet, init_variables
 from fgnet_jax.parallel import DataParallel
+from meta_problems import fast_compile_jit  # tests/meta_problems.py
 from small_metanet import SmallMetaNet, small_metanet_variables  # tests/small_metanet.py
 from fgnet_jax.train import (
     MetaStepConfig,
@@ -204,3 +205,31 @@ def test_bad_config_values_raise():
         MetaStepConfig(batch_stats_from="target")
     with pytest.raises(ValueError, match="not parameter groups"):
         OptimizerConfig(decayed_groups=("head",))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        MetaStepConfig(inner_lr=jnp.asarray(-0.1))  # a concrete array is still checked
+
+
+def test_config_of_traced_rates_compiles_once_and_steps_like_a_constant_config():
+    """eta and lambda passed to one jitted step as arguments: one compilation for every value,
+    and the step equals the one compiled with those values as constants (float64, to round-off)."""
+    model = SmallMetaNet(TARGET_CLASSES, AUXILIARY_CLASSES, stem=4, blocks=((4, 1),))  # one block: compiles fast
+    tx = make_optimizer(OptimizerConfig(weight_decay=5e-4))
+    state = create_train_state(small_metanet_variables(model, 8), tx, jax.random.key(0))
+    batch = jax.tree_util.tree_map(lambda x: x[:, :8, :8] if x.ndim == 4 else x, make_batch(1))  # 8x8 images
+
+    @fast_compile_jit
+    def traced_step(state, batch, inner_lr, auxiliary_weight):
+        config = MetaStepConfig(method="first_order", inner_lr=inner_lr, auxiliary_weight=auxiliary_weight)
+        return train_step(state, batch, model=model, tx=tx, config=config)
+
+    config = MetaStepConfig(method="first_order", inner_lr=0.05, auxiliary_weight=0.5)  # neither at its default
+    expected_state, expected_metrics = fast_compile_jit(functools.partial(train_step, model=model, tx=tx, config=config))(
+        state, batch)
+    actual_state, actual_metrics = traced_step(state, batch, 0.05, 0.5)
+    update = tree_difference(actual_state.params, state.params)
+    assert relative_error(update, tree_difference(expected_state.params, state.params)) < 1e-10
+    for key in ("loss", "meta_loss", "meta_grad_norm", "auxiliary_grad_norm"):
+        np.testing.assert_allclose(actual_metrics[key], expected_metrics[key], rtol=1e-12, err_msg=key)
+    other_state, _ = traced_step(state, batch, 0.3, 2.0)
+    assert relative_error(tree_difference(other_state.params, state.params), update) > 1e-3  # the values are used
+    assert traced_step._cache_size() == 1
