@@ -48,7 +48,9 @@ def test_counter_counts_one_compilation_per_shape():
     double(jnp.ones(3))
     assert counter.by_name().get("double") == 1
     double(jnp.ones(4))  # a new shape compiles again
-    assert counter.by_name().get("double") == 2 and counter.compiled >= 2
+    # Programs, compiled or loaded: a kept FGNET_TEST_COMPILATION_CACHE (tests/conftest.py) may
+    # hold both from an earlier run (compiled versus loaded: test_persistent_cache_makes_a_rerun_compile_nothing).
+    assert counter.by_name().get("double") == 2 and counter.programs >= 2
 
 
 @pytest.mark.slow
