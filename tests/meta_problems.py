@@ -17,9 +17,8 @@ from jax.flatten_util import ravel_pytree
 # These tests compile many small programs once each, so compilation dominates their time: XLA's
 # backend optimisations are switched off for them (about half the time on XLA:CPU; numerics in
 # float64 are unaffected at the tolerances used).
-fast_compile_jit = functools.partial(
-    jax.jit, compiler_options={"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-)
+FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+fast_compile_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE_OPTIONS)
 
 
 class TinyBatchNormNet(nn.Module):

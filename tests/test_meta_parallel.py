@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from meta_problems import fast_compile_jit, make_problem, relative_error, scalar
+from meta_problems import FAST_COMPILE_OPTIONS, fast_compile_jit, make_problem, relative_error, scalar
 
 from fgnet_jax.meta import METHODS, meta_value_and_grad
 
@@ -64,9 +64,12 @@ def parallel_result(form, method, inner_steps):
     synced_loss = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE, axis_name=AXIS)[0]
     step = lambda p, i, o: meta_value_and_grad(synced_loss, p, i, o, axis_name=AXIS, **kwargs)
     if form in ("pmap", "vmap"):
-        mapped = (jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, 0)) if form == "pmap"
-                  else fast_compile_jit(jax.vmap(step, axis_name=AXIS, in_axes=(None, 0, 0))))
-        (loss, stats), grads = mapped(params, shard_leading(inner), shard_leading(outer))
+        args = (params, shard_leading(inner), shard_leading(outer))
+        if form == "pmap":  # pmap takes no compiler options; its ahead-of-time compilation does
+            mapped = jax.pmap(step, axis_name=AXIS, in_axes=(None, 0, 0)).lower(*args).compile(FAST_COMPILE_OPTIONS)
+        else:
+            mapped = fast_compile_jit(jax.vmap(step, axis_name=AXIS, in_axes=(None, 0, 0)))
+        (loss, stats), grads = mapped(*args)
         for device in range(1, NUM_DEVICES):  # every device (or vmap lane) returns the same (global) result
             assert relative_error(jax.tree_util.tree_map(lambda x: x[device], grads),
                                   jax.tree_util.tree_map(lambda x: x[0], grads)) == 0
@@ -102,9 +105,11 @@ def test_per_device_inner_steps_differ_from_global_ones():
     """Guards the test above: without axis_name each device adapts to its own shard, and the
     mean of those meta-gradients is not the one-device result."""
     loss_fn, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)
-    _, grads_1 = meta_value_and_grad(scalar(loss_fn), params, inner, outer, inner_lr=0.4)
+    _, grads_1 = fast_compile_jit(lambda p, i, o: meta_value_and_grad(scalar(loss_fn), p, i, o, inner_lr=0.4))(
+        params, inner, outer)
+    args = (params, shard_leading(inner), shard_leading(outer))
     local = jax.pmap(lambda p, i, o: meta_value_and_grad(scalar(loss_fn), p, i, o, inner_lr=0.4), in_axes=(None, 0, 0))
-    _, grads_local = local(params, shard_leading(inner), shard_leading(outer))
+    _, grads_local = local.lower(*args).compile(FAST_COMPILE_OPTIONS)(*args)
     mean_of_local = jax.tree_util.tree_map(lambda x: x.mean(0), grads_local)
     assert relative_error(mean_of_local, grads_1) > 1e-3
 
