@@ -169,7 +169,7 @@ def test_per_parameter_inner_lr_equals_grad_through_update(method):
     assert relative_error(grads, expected) <= 1e-10
 
 
-@pytest.mark.parametrize("method", fast_subset(METHODS, fast=["hvp_jvp"]))
+@pytest.mark.parametrize("method", fast_subset(METHODS, fast=["hvp_jvp", "first_order"]))
 def test_jit_with_traced_inner_lr_and_vmap_over_tasks(method):
     loss_with_aux, params, _, _ = make_problem(seed=9)
     loss_fn = scalar(loss_with_aux)

@@ -141,9 +141,9 @@ CASES = [
 ]
 
 
-# The fast tier: one optimiser with per-step batches and the rolled loop (per-step rates:
-# test_gradient_with_respect_to_learned_rates; the other optimisers: the full suite).
-FAST_CASES = [("per_parameter", 2, True, False, False)]
+# The fast tier: two optimisers, per-step batches and the rolled loop among them (per-step rates:
+# test_gradient_with_respect_to_learned_rates).
+FAST_CASES = [("adam", 1, False, False, None), ("per_parameter", 2, True, False, False)]
 
 
 @pytest.mark.parametrize("optimizer, steps, per_step_batches, remat, unroll",
@@ -175,7 +175,7 @@ def test_inner_optimizers_match_grad_through_the_unrolled_loop(optimizer, steps,
 
 @pytest.mark.parametrize("optimizer, remat", fast_subset(
     [(optimizer, remat) for optimizer in ("per_parameter", "per_step", "adam_learning_rate") for remat in (False, True)],
-    fast=[("per_step", True)], tuples=True))
+    fast=[("per_parameter", False), ("per_step", True)], tuples=True))
 def test_gradient_with_respect_to_learned_rates(optimizer, remat):
     """Meta-SGD, MAML++ per-step rates and Adam's injected learning rate: the meta-gradient
     with respect to the optimiser's state equals jax.grad through the written-out loop."""

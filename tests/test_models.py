@@ -210,7 +210,6 @@ def test_remat_gives_the_same_outputs_and_gradients(resnet10):
     assert len(checkpointed) == len(block_names(DEPTH))
 
 
-@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_logits(resnet10):
     model, variables = resnet10
     bf16_model = MetaFGNet(DEPTH, NUM_TARGET, NUM_AUXILIARY, dtype=jnp.bfloat16)

@@ -142,8 +142,7 @@ def test_train_step_on_four_devices_equals_one_device_on_both_paths(method):
     assert_same_run(runs["shard_map"], runs["pmap"], initial)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", PARALLELISM)
+@pytest.mark.parametrize("kind", fast_subset(PARALLELISM, fast=["shard_map"]))
 def test_supervised_step_on_four_devices_equals_one_device(kind):
     model, variables = model_and_variables()
     tx = make_optimizer(OptimizerConfig(backbone_lr=0.05, target_head_lr=0.3, auxiliary_head_lr=None))
