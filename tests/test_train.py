@@ -209,7 +209,7 @@ def test_bad_config_values_raise():
         MetaStepConfig(inner_lr=jnp.asarray(-0.1))  # a concrete array is still checked
 
 
-@pytest.mark.slow  # new this session; the fast tier is over its 3 min already
+@pytest.mark.slow  # full suite only: the fast tier is over its 3 min aim (benchmarks/NOTES.md)
 def test_config_of_traced_rates_compiles_once_and_steps_like_a_constant_config():
     """eta and lambda passed to one jitted step as arguments: one compilation for every value,
     and the step equals the one compiled with those values as constants (float64, to round-off)."""
