@@ -30,6 +30,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 
 # pytest's --durations lines: "23.20s call     tests/test_meta_inner.py::test_x[a-b]".
 DURATION = re.compile(r"^(?P<seconds>[0-9.]+)s (?P<phase>setup|call|teardown) +(?P<file>[^:\s]+)::", re.MULTILINE)
@@ -79,12 +80,9 @@ def parse_summary(output: str) -> dict:
 
 def python_loop_seconds(repeats: int = 3) -> float:
     """The machine's speed at the moment: seconds for 10**7 additions in a plain Python loop,
-    the median of ``repeats``. The suite is mostly single-threaded Python (tracing) and XLA
-    compilation, which slow down together when a shared host is busy; a suite time means
-    little without the speed it ran at (on the same 2-core machine, 9643157 took 13 min 52 s and
-    ea12d43, two tests more, 22 min 35 s, each test 1.5-2.5x as long)."""
-    import time
-
+    the median of ``repeats``, kept beside a suite time so records can be told apart by the
+    host's state. It does not explain every difference: on the same 2-core Xeon, 22 min 35 s ran
+    with the loop at 2.0-2.4 s and 22 min 40 s with it at 0.71-0.77 s (benchmarks/NOTES.md)."""
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
