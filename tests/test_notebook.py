@@ -146,3 +146,19 @@ def test_joint_training_learns_the_digits_task():
     start = ms.initial_variables(setting, images, seed=0)
     moved = ms.relative_difference(result.variables["params"], start["params"])
     assert 0 < moved < 10
+
+
+@pytest.mark.slow
+def test_arms_sharing_a_compiled_step_train_with_their_own_eta_and_lambda():
+    """The arms of one method run one compiled step (eta and lambda are its arguments): each
+    arm's values must still reach it. Changing either changes the losses; the same arm twice
+    gives the same ones."""
+    _require("sklearn")
+    images, labels = ms.load_digits()
+    task = ms.few_shot_task(labels, seed=0, shots=5)
+    setting = ms.FewShotSetting(steps=3)
+    losses = {arm: ms.train_and_test(arm, setting, images, labels, task, seed=0).losses
+              for arm in (ms.Arm("joint"), ms.Arm("eta", inner_lr=0.3), ms.Arm("lambda", auxiliary_weight=0.5))}
+    joint, eta, weight = losses.values()
+    np.testing.assert_array_equal(ms.train_and_test(ms.Arm("joint"), setting, images, labels, task, seed=0).losses, joint)
+    assert np.abs(eta - joint).max() > 1e-4 and np.abs(weight - joint).max() > 1e-4
