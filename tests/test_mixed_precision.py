@@ -59,7 +59,7 @@ def test_bfloat16_step_keeps_state_logits_and_losses_in_float32():
         assert inexact_dtypes(tree) == {jnp.dtype(jnp.float32)}, name
     assert {v.dtype for v in metrics.values()} == {jnp.dtype(jnp.float32)}
     assert all(np.isfinite(float(v)) for v in metrics.values())
-    logits = bf16.apply(variables, batch["outer"]["image"], method=SmallMetaNet.target_logits)
+    logits = jax.jit(lambda v, x: bf16.apply(v, x, method=SmallMetaNet.target_logits))(variables, batch["outer"]["image"])
     assert logits.dtype == jnp.float32
 
 

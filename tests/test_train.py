@@ -175,7 +175,9 @@ def test_eval_sums_respect_mask_and_match_across_devices():
     batch = dict(batch, mask=mask)
     sums = jax.jit(functools.partial(eval_step, model=model))(variables["params"], variables["batch_stats"], batch)
 
-    logits = model.apply(variables, batch["image"], train=False, method=MetaFGNet.target_logits)
+    # Jitted: op by op, the ResNet's forward would compile each of its primitives on its own.
+    logits = jax.jit(lambda v, x: model.apply(v, x, train=False, method=MetaFGNet.target_logits))(
+        variables, batch["image"])
     real = np.asarray(mask) > 0
     top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
     labels = np.asarray(batch["label"])
