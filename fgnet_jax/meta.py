@@ -265,13 +265,16 @@ def _rates_on_differentiable(rates: Any, params: PyTree, differentiable: PyTree,
     if _is_single_rate(rates):
         rate = jax.tree_util.tree_leaves(rates)[0]
         expected = (inner_steps,) if per_step else ()
-        if jnp.shape(rate) != expected:
+        if jnp.shape(rate) == expected:
+            return rate
+        if not _is_single_rate(params):
             raise ValueError(
                 f"{name} has shape {jnp.shape(rate)}: a single rate must be "
                 + (f"an array of shape ({inner_steps},), one per step" if per_step else "a scalar")
                 + ", or give a pytree of rates shaped like params"
             )
-        return rate
+        # params is one array: an array rate is then the pytree of rates shaped like params,
+        # checked below like any other (a rate per entry, per row, ...).
     rate_structure = jax.tree_util.tree_structure(rates)
     if rate_structure == jax.tree_util.tree_structure(params):
         rates = jax.tree_util.tree_map(lambda r, p: r if is_differentiable(p) else None, rates, params)
@@ -626,7 +629,8 @@ def meta_value_and_grad(
       outer_batch: :math:`T_j`.
       inner_lr: plain SGD rates :math:`\alpha`: a scalar (may be traced), or a pytree with the
         structure of ``params`` (or of its differentiable leaves) whose leaves broadcast to
-        the parameters' shapes (Meta-SGD). Exclusive with ``inner_optimizer``.
+        the parameters' shapes (Meta-SGD; for ``params`` that are one array, an array rate
+        broadcasting to it). Exclusive with ``inner_optimizer``.
       inner_optimizer: the inner update rule, any optax ``GradientTransformation`` (momentum
         SGD, Adam, :func:`learned_sgd` for learned per-parameter or per-step rates, ...). It
         sees the differentiable leaves only (``None`` elsewhere).

@@ -114,6 +114,11 @@ class _Step:
         return self._function.lower(*args)
 
 
+def _is_typed_key(x) -> bool:
+    """A typed PRNG key array (``jax.random.key``), whose dtype numpy cannot represent."""
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 class DataParallel:
     """Runs per-device functions on all devices with ``kind`` = ``"shard_map"`` or ``"pmap"``.
 
@@ -201,17 +206,27 @@ class DataParallel:
                                  f"batch size that is a multiple of {self.num_devices}")
 
     def put_state(self, tree: PyTree) -> PyTree:
-        """A host pytree (numpy or JAX arrays, the same on every process) replicated on the devices."""
-        if self.kind == "shard_map":
-            return jax.tree_util.tree_map(
-                lambda x: jax.make_array_from_process_local_data(self._replicated, np.asarray(x)), tree)
-        count = len(self.local_devices)
-        return jax.tree_util.tree_map(
-            lambda x: jax.device_put(np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self._stacked), tree)
+        """A host pytree (numpy or JAX arrays, the same on every process) replicated on the devices.
+
+        Typed PRNG keys (``jax.random.key``) are placed through their key data and keep their
+        implementation (numpy cannot hold them)."""
+        def put(x):
+            if _is_typed_key(x):
+                return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+            if self.kind == "shard_map":
+                return jax.make_array_from_process_local_data(self._replicated, np.asarray(x))
+            count = len(self.local_devices)
+            return jax.device_put(np.broadcast_to(np.asarray(x), (count, *np.shape(x))), self._stacked)
+
+        return jax.tree_util.tree_map(put, tree)
 
     def host_state(self, tree: PyTree) -> PyTree:
-        """The replicated device pytree back as numpy (one copy; what a checkpoint holds)."""
+        """The replicated device pytree back as numpy (one copy; what a checkpoint holds).
+
+        Typed PRNG keys come back as typed keys (on the default device) around numpy key data."""
         def first(x):
+            if _is_typed_key(x):
+                return jax.random.wrap_key_data(first(jax.random.key_data(x)), impl=jax.random.key_impl(x))
             local = np.asarray(x.addressable_shards[0].data)
             if self.kind == "pmap" and local.ndim == x.ndim:  # a [1, ...] shard of [devices, ...]
                 local = local[0]

@@ -332,3 +332,39 @@ def test_bad_inner_loop_arguments_are_named(kwargs, message):
     arguments = dict(inner_lr=0.1) | kwargs
     with pytest.raises(ValueError, match=message):
         meta_value_and_grad(scalar(loss_with_aux), params, inner, outer, **arguments)
+
+
+def test_rates_shaped_like_params_that_are_one_array():
+    """params a bare array: an array inner_lr shaped like it is a rate per entry (not refused as
+    "a single rate must be a scalar"), and learned_sgd's per-step rates [K, *params.shape] too;
+    against jax.grad through the loop written out here."""
+    x_inner = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    x_outer = jnp.cos(jnp.arange(12.0)).reshape(4, 3)
+
+    def loss_fn(theta, x):
+        return jnp.mean(jnp.tanh(x @ theta) ** 2) + 0.1 * jnp.sum(theta ** 4)
+
+    params = jnp.array([0.4, -0.7, 0.9])
+    rates = jnp.array([0.3, 0.05, 0.6])
+    per_step_rates = jnp.array([[0.3, 0.05, 0.6], [0.1, 0.4, 0.2]])
+
+    def unrolled(theta, step_rates, first_order):
+        for rate in step_rates:
+            gradient = jax.grad(loss_fn)(theta, x_inner)
+            theta = theta - rate * (jax.lax.stop_gradient(gradient) if first_order else gradient)
+        return loss_fn(theta, x_outer)
+
+    results = fast_compile_jit(lambda p: {method: (
+        meta_value_and_grad(loss_fn, p, x_inner, x_outer, inner_lr=rates, method=method, inner_steps=1),
+        meta_value_and_grad(loss_fn, p, x_inner, x_outer, inner_optimizer=learned_sgd(per_step_rates, per_step=True),
+                            method=method, inner_steps=2),
+    ) for method in METHODS})(params)
+    for method, ((loss_1, grads_1), (loss_2, grads_2)) in results.items():
+        first_order = method == "first_order"
+        np.testing.assert_allclose(loss_1, unrolled(params, [rates], first_order), rtol=1e-12)
+        assert relative_error(grads_1, jax.grad(unrolled)(params, [rates], first_order)) <= TOLERANCE, method
+        np.testing.assert_allclose(loss_2, unrolled(params, per_step_rates, first_order), rtol=1e-12)
+        assert relative_error(grads_2, jax.grad(unrolled)(params, per_step_rates, first_order)) <= TOLERANCE, method
+    with pytest.raises(ValueError, match=r"inner_lr has shape \(4,\), which does not broadcast to the parameter's "
+                                         r"shape \(3,\)"):
+        meta_value_and_grad(loss_fn, params, x_inner, x_outer, inner_lr=jnp.ones(4))

@@ -193,6 +193,33 @@ def test_state_round_trips_through_both_placements():
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("kind", PARALLELISM)
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])  # key data of shape (2,) and (4,)
+def test_state_with_a_typed_prng_key_is_placed_used_and_returned(kind, impl):
+    """A state holding a new-style key (``jax.random.key``, which numpy cannot hold): placed
+    replicated with its implementation, split inside a step the same way on every device as on
+    one device, and returned as that key."""
+    key = jax.random.key(7, impl=impl)
+    parallel = DataParallel(kind)
+    placed = parallel.put_state({"rng": key, "count": np.int32(0)})
+    assert jax.dtypes.issubdtype(placed["rng"].dtype, jax.dtypes.prng_key)
+    assert jax.random.key_impl(placed["rng"]) == jax.random.key_impl(key)
+
+    def draw(state, batch):  # the batch only satisfies the step's signature
+        new_key, sample_key = jax.random.split(state["rng"])
+        return {"rng": new_key, "count": state["count"] + 1}, {"draw": jax.random.uniform(sample_key, dtype=jnp.float32)}
+
+    step = parallel.step(draw, donate_state=False)
+    state, metrics = step(placed, parallel.put_batch({"x": np.zeros((NUM_DEVICES, PER_DEVICE), np.float32)}))
+    expected_key, expected_sample_key = jax.random.split(key)
+    assert float(parallel.host_values(metrics)["draw"]) == float(jax.random.uniform(expected_sample_key,
+                                                                                    dtype=jnp.float32))
+    back = parallel.host_state(state)
+    assert jax.random.key_impl(back["rng"]) == jax.random.key_impl(key) and int(back["count"]) == 1
+    np.testing.assert_array_equal(jax.random.key_data(back["rng"]), jax.random.key_data(expected_key))
+    np.testing.assert_array_equal(jax.random.key_data(parallel.host_state(placed)["rng"]), jax.random.key_data(key))
+
+
 def test_bad_parallelism_and_batches_fail_with_one_line():
     with pytest.raises(ValueError, match=r"parallelism='vmap': choose one of shard_map, pmap") as error:
         DataParallel("vmap")
