@@ -37,7 +37,8 @@ def main() -> None:
     from fgnet_jax.train import MetaStepConfig, OptimizerConfig, create_train_state, make_optimizer, train_step
 
     model = MetaFGNet(backbone_depth=args.depth, num_target_classes=30, num_auxiliary_classes=40)
-    tx = make_optimizer(OptimizerConfig(backbone_lr=0.01, target_head_lr=0.01, auxiliary_head_lr=0.01, milestones=(29,)))
+    tx = make_optimizer(OptimizerConfig(backbone_lr=0.01, target_head_lr=0.01, auxiliary_head_lr=0.01,
+                                        milestones=(29,)))
     state = create_train_state(init_variables(model, jax.random.PRNGKey(0), args.image), tx, jax.random.PRNGKey(1))
 
     def images(classes, seed):

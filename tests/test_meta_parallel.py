@@ -65,9 +65,9 @@ def parallel_results(form, inner_steps):
         sharding = NamedSharding(mesh(), P(AXIS))
         inner, outer = jax.device_put((inner, outer), sharding)
         params = jax.device_put(params, NamedSharding(mesh(), P()))
-        step = fast_compile_jit(lambda p, i, o: {method: meta_value_and_grad(global_loss, p, i, o, method=method, **kwargs)
-                                                 for method in METHODS})
-        return step(params, inner, outer)
+        step = lambda p, i, o: {method: meta_value_and_grad(global_loss, p, i, o, method=method, **kwargs)
+                                for method in METHODS}
+        return fast_compile_jit(step)(params, inner, outer)
     synced_loss = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE, axis_name=AXIS)[0]
     step = lambda p, i, o: {method: meta_value_and_grad(synced_loss, p, i, o, axis_name=AXIS, method=method, **kwargs)
                             for method in METHODS}

@@ -59,7 +59,8 @@ def test_bfloat16_step_keeps_state_logits_and_losses_in_float32():
         assert inexact_dtypes(tree) == {jnp.dtype(jnp.float32)}, name
     assert {v.dtype for v in metrics.values()} == {jnp.dtype(jnp.float32)}
     assert all(np.isfinite(float(v)) for v in metrics.values())
-    logits = jax.jit(lambda v, x: bf16.apply(v, x, method=SmallMetaNet.target_logits))(variables, batch["outer"]["image"])
+    target_logits = jax.jit(lambda v, x: bf16.apply(v, x, method=SmallMetaNet.target_logits))
+    logits = target_logits(variables, batch["outer"]["image"])
     assert logits.dtype == jnp.float32
 
 
