@@ -111,6 +111,7 @@ def test_first_order_is_outer_gradient_at_adapted_params(inner_steps):
     loss_with_aux, params, inner, outer = make_problem(seed=3)
     loss_fn = scalar(loss_with_aux)
     lr = 0.5
+
     @fast_compile_jit
     def reference(theta):
         for _ in range(inner_steps):

@@ -207,7 +207,8 @@ def test_state_with_a_typed_prng_key_is_placed_used_and_returned(kind, impl):
 
     def draw(state, batch):  # the batch only satisfies the step's signature
         new_key, sample_key = jax.random.split(state["rng"])
-        return {"rng": new_key, "count": state["count"] + 1}, {"draw": jax.random.uniform(sample_key, dtype=jnp.float32)}
+        sample = jax.random.uniform(sample_key, dtype=jnp.float32)
+        return {"rng": new_key, "count": state["count"] + 1}, {"draw": sample}
 
     step = parallel.step(draw, donate_state=False)
     state, metrics = step(placed, parallel.put_batch({"x": np.zeros((NUM_DEVICES, PER_DEVICE), np.float32)}))

@@ -13,6 +13,10 @@ import traceback
 
 import pytest
 
+# Many programs, each run briefly: compiled with XLA's backend optimisations off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
+
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<info>[^`]*)$")
 

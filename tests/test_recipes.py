@@ -10,6 +10,10 @@ import pytest
 
 from fgnet_jax.examples.recipes import RECIPES
 
+# Many programs, each run briefly: compiled with XLA's backend optimisations off (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_compilation")
+
+
 TOLERANCE = 1e-10  # relative, float64; measured at most 1e-15
 OPTIONAL_LIBRARY = {"equinox_model": "equinox", "haiku_state": "haiku"}
 MULTI_DEVICE = ("shard_map_parallel", "jit_sharded")
