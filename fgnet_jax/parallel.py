@@ -119,6 +119,11 @@ def _is_typed_key(x) -> bool:
     return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
+def _through_key_data(function: Callable, key: jax.Array) -> jax.Array:
+    """``function`` applied to a typed key's integer data, the result a key of the same implementation."""
+    return jax.random.wrap_key_data(function(jax.random.key_data(key)), impl=jax.random.key_impl(key))
+
+
 class DataParallel:
     """Runs per-device functions on all devices with ``kind`` = ``"shard_map"`` or ``"pmap"``.
 
@@ -212,7 +217,7 @@ class DataParallel:
         implementation (numpy cannot hold them)."""
         def put(x):
             if _is_typed_key(x):
-                return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+                return _through_key_data(put, x)
             if self.kind == "shard_map":
                 return jax.make_array_from_process_local_data(self._replicated, np.asarray(x))
             count = len(self.local_devices)
@@ -226,7 +231,7 @@ class DataParallel:
         Typed PRNG keys come back as typed keys (on the default device) around numpy key data."""
         def first(x):
             if _is_typed_key(x):
-                return jax.random.wrap_key_data(first(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+                return _through_key_data(first, x)
             local = np.asarray(x.addressable_shards[0].data)
             if self.kind == "pmap" and local.ndim == x.ndim:  # a [1, ...] shard of [devices, ...]
                 local = local[0]

@@ -44,13 +44,17 @@ def shard_leading(batch):
 # Every method of one (form, K) case in one compiled program, cached for the method-parametrised
 # cases: the methods share the inner loop's forward pass, which XLA then compiles once (about
 # half the compile time of four programs); each method is still computed on its own path.
+def every_method(loss_fn, **kwargs):
+    """``(params, inner, outer) -> {method: meta_value_and_grad(loss_fn, ..., method=method, **kwargs)}``."""
+    return lambda p, i, o: {method: meta_value_and_grad(loss_fn, p, i, o, method=method, **kwargs)
+                            for method in METHODS}
+
+
 @functools.lru_cache(maxsize=None)
 def one_device_results(inner_steps):
     loss_fn, params, inner, outer = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE)
-    kwargs = dict(inner_lr=0.4, inner_steps=inner_steps, has_aux=True)
-    every_method = lambda p, i, o: {method: meta_value_and_grad(loss_fn, p, i, o, method=method, **kwargs)
-                                    for method in METHODS}
-    return fast_compile_jit(every_method)(params, inner, outer)
+    step = every_method(loss_fn, inner_lr=0.4, inner_steps=inner_steps, has_aux=True)
+    return fast_compile_jit(step)(params, inner, outer)
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,12 +69,9 @@ def parallel_results(form, inner_steps):
         sharding = NamedSharding(mesh(), P(AXIS))
         inner, outer = jax.device_put((inner, outer), sharding)
         params = jax.device_put(params, NamedSharding(mesh(), P()))
-        step = lambda p, i, o: {method: meta_value_and_grad(global_loss, p, i, o, method=method, **kwargs)
-                                for method in METHODS}
-        return fast_compile_jit(step)(params, inner, outer)
+        return fast_compile_jit(every_method(global_loss, **kwargs))(params, inner, outer)
     synced_loss = make_problem(seed=8, per_batch=NUM_DEVICES * PER_DEVICE, axis_name=AXIS)[0]
-    step = lambda p, i, o: {method: meta_value_and_grad(synced_loss, p, i, o, axis_name=AXIS, method=method, **kwargs)
-                            for method in METHODS}
+    step = every_method(synced_loss, axis_name=AXIS, **kwargs)
     if form in ("pmap", "vmap"):
         args = (params, shard_leading(inner), shard_leading(outer))
         if form == "pmap":  # pmap takes no compiler options; its ahead-of-time compilation does
