@@ -53,7 +53,7 @@ import tiny_config as tiny_config_lib  # noqa: E402  (tests/tiny_config.py)
 # the end instead of leaving one long module to run alone. Only the order depends on this list.
 HEAVIEST_FIRST = (
     "test_multiprocess.py", "test_experiment.py", "test_pipeline.py", "test_study.py", "test_meta_inner.py",
-    "test_notebook.py", "test_meta_parallel.py", "test_recipes.py", "test_models.py", "test_meta.py",
+    "test_adapt.py", "test_notebook.py", "test_meta_parallel.py", "test_recipes.py", "test_models.py", "test_meta.py",
     "test_parallel.py", "test_readme_snippets.py", "test_metafgnet_vs_torch.py", "test_mixed_precision.py",
     "test_cpu_devices.py",
 )

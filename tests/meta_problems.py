@@ -84,3 +84,90 @@ def adapted_outer_loss(loss_fn, inner_batch, outer_batch, lr, steps, per_step_ba
         return loss_fn(theta, outer_batch)
 
     return f
+
+
+def tree_map(f, *trees):
+    return jax.tree_util.tree_map(f, *trees)
+
+
+# ------------------------------------------------------------------------------------------
+# Hand-written inner optimisers: (init(params, hyper), step(grad, state, params, hyper) -> (new params, state)).
+
+
+def momentum_rule(lr=0.3, momentum=0.9):
+    def init(params, hyper):
+        return tree_map(jnp.zeros_like, params)
+
+    def step(grad, velocity, params, hyper):
+        velocity = tree_map(lambda v, g: momentum * v + g, velocity, grad)
+        return tree_map(lambda p, v: p - lr * v, params, velocity), velocity
+
+    return init, step
+
+
+def adam_rule(b1=0.9, b2=0.99, eps=1e-3, eps_root=1e-8):
+    """Adam with bias correction; ``hyper`` is the learning rate. ``eps_root`` inside the square
+    root keeps its derivative finite where a gradient entry is exactly 0 (the bias before
+    BatchNorm)."""
+
+    def init(params, hyper):
+        return (tree_map(jnp.zeros_like, params), tree_map(jnp.zeros_like, params), 0)
+
+    def step(grad, state, params, lr):
+        m, v, t = state
+        t = t + 1
+        m = tree_map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grad)
+        v = tree_map(lambda v_, g: b2 * v_ + (1 - b2) * g * g, v, grad)
+        update = lambda p, m_, v_: p - lr * (m_ / (1 - b1**t)) / (jnp.sqrt(v_ / (1 - b2**t) + eps_root) + eps)
+        return tree_map(update, params, m, v), (m, v, t)
+
+    return init, step
+
+
+def per_parameter_rule():
+    """theta - alpha * g with ``hyper`` = alpha, a tree shaped like params (Meta-SGD)."""
+    return (lambda params, hyper: None), (lambda grad, state, params, rates: (
+        tree_map(lambda p, a, g: p - a * g, params, rates, grad), state))
+
+
+def per_step_rule():
+    """theta - alpha_k * g with ``hyper`` = per-step rate trees stacked on a leading axis."""
+
+    def step(grad, k, params, rates):
+        return tree_map(lambda p, a, g: p - a[k] * g, params, rates, grad), k + 1
+
+    return (lambda params, hyper: 0), step
+
+
+def unrolled_adaptation(loss_fn, rule, inner_batch, steps, per_step_batches=False, first_order=False,
+                        with_state=False):
+    """(theta, hyper) -> theta_K (``with_state``: (theta_K, the rule's final state)), the inner
+    loop written out; with ``first_order`` the inner gradients are constants (stop_gradient),
+    which is what the first-order walk means."""
+    init, step = rule
+
+    def f(theta, hyper):
+        state = init(theta, hyper)
+        for k in range(steps):
+            batch = take_step_batch(inner_batch, k) if per_step_batches else inner_batch
+            grad = jax.grad(loss_fn)(theta, batch)
+            if first_order:
+                grad = jax.lax.stop_gradient(grad)
+            theta, state = step(grad, state, theta, hyper)
+        return (theta, state) if with_state else theta
+
+    return f
+
+
+def unrolled_outer_loss(loss_fn, rule, inner_batch, outer_batch, steps, per_step_batches, first_order=False):
+    """(theta, hyper) -> L(theta_K; T_j) through :func:`unrolled_adaptation`."""
+    adapted = unrolled_adaptation(loss_fn, rule, inner_batch, steps, per_step_batches, first_order)
+    return lambda theta, hyper: loss_fn(adapted(theta, hyper), outer_batch)
+
+
+def random_rates(params, seed, leading=()):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree_util.tree_unflatten(
+        treedef, [jax.random.uniform(k, leading + x.shape, jnp.float64, 0.05, 0.5) for k, x in zip(keys, leaves)]
+    )

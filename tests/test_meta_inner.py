@@ -13,7 +13,18 @@ import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
-from meta_problems import fast_compile_jit, make_problem, relative_error, scalar, take_step_batch
+from meta_problems import (
+    adam_rule,
+    fast_compile_jit,
+    make_problem,
+    momentum_rule,
+    per_parameter_rule,
+    per_step_rule,
+    random_rates,
+    relative_error,
+    scalar,
+    unrolled_outer_loss,
+)
 from tiers import fast_subset
 
 from fgnet_jax.meta import (
@@ -35,81 +46,6 @@ def float64():
 
 def tree_map(f, *trees):
     return jax.tree_util.tree_map(f, *trees)
-
-
-# ------------------------------------------------------------------------------------------
-# Hand-written inner optimisers: (init(params, hyper), step(grad, state, params, hyper) -> (new params, state)).
-
-
-def momentum_rule(lr=0.3, momentum=0.9):
-    def init(params, hyper):
-        return tree_map(jnp.zeros_like, params)
-
-    def step(grad, velocity, params, hyper):
-        velocity = tree_map(lambda v, g: momentum * v + g, velocity, grad)
-        return tree_map(lambda p, v: p - lr * v, params, velocity), velocity
-
-    return init, step
-
-
-def adam_rule(b1=0.9, b2=0.99, eps=1e-3, eps_root=1e-8):
-    """Adam with bias correction; ``hyper`` is the learning rate. ``eps_root`` inside the square
-    root keeps its derivative finite where a gradient entry is exactly 0 (the bias before
-    BatchNorm)."""
-
-    def init(params, hyper):
-        return (tree_map(jnp.zeros_like, params), tree_map(jnp.zeros_like, params), 0)
-
-    def step(grad, state, params, lr):
-        m, v, t = state
-        t = t + 1
-        m = tree_map(lambda m_, g: b1 * m_ + (1 - b1) * g, m, grad)
-        v = tree_map(lambda v_, g: b2 * v_ + (1 - b2) * g * g, v, grad)
-        update = lambda p, m_, v_: p - lr * (m_ / (1 - b1**t)) / (jnp.sqrt(v_ / (1 - b2**t) + eps_root) + eps)
-        return tree_map(update, params, m, v), (m, v, t)
-
-    return init, step
-
-
-def per_parameter_rule():
-    """theta - alpha * g with ``hyper`` = alpha, a tree shaped like params (Meta-SGD)."""
-    return (lambda params, hyper: None), (lambda grad, state, params, rates: (
-        tree_map(lambda p, a, g: p - a * g, params, rates, grad), state))
-
-
-def per_step_rule():
-    """theta - alpha_k * g with ``hyper`` = per-step rate trees stacked on a leading axis."""
-
-    def step(grad, k, params, rates):
-        return tree_map(lambda p, a, g: p - a[k] * g, params, rates, grad), k + 1
-
-    return (lambda params, hyper: 0), step
-
-
-def unrolled_outer_loss(loss_fn, rule, inner_batch, outer_batch, steps, per_step_batches, first_order=False):
-    """(theta, hyper) -> L(theta_K; T_j), the inner loop written out; with ``first_order`` the
-    inner gradients are constants (stop_gradient), which is what the first-order walk means."""
-    init, step = rule
-
-    def f(theta, hyper):
-        state = init(theta, hyper)
-        for k in range(steps):
-            batch = take_step_batch(inner_batch, k) if per_step_batches else inner_batch
-            grad = jax.grad(loss_fn)(theta, batch)
-            if first_order:
-                grad = jax.lax.stop_gradient(grad)
-            theta, state = step(grad, state, theta, hyper)
-        return loss_fn(theta, outer_batch)
-
-    return f
-
-
-def random_rates(params, seed, leading=()):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(
-        treedef, [jax.random.uniform(k, leading + x.shape, jnp.float64, 0.05, 0.5) for k, x in zip(keys, leaves)]
-    )
 
 
 def optimizer_case(name, params, steps):
