@@ -40,26 +40,34 @@ the supplementary's Eq. 1, :math:`G - \eta H G`, for :math:`K = 1`. Note the ord
 per-parameter rates: :math:`H(\alpha \odot v)`, not :math:`\alpha \odot (H v)` (the original
 Meta-SGD code had the latter).
 
-Methods (all return gradients shaped like ``params``):
+The API. :func:`adapt` is the inner loop as a differentiable function: it returns
+:math:`(\theta_K, s_K)` and its reverse-mode derivative is the backward walk above (a
+``jax.custom_vjp`` started from whatever cotangent the user's outer objective produces), so
+``jax.grad`` of any objective built on it gets the walk. Its options are orthogonal:
+``first_order`` drops every :math:`H_k` term (the inner gradients are constants, as in
+first-order MAML; for SGD the meta-gradient of :math:`L(\theta_K; T_j)` is then :math:`G`),
+and ``hessian`` picks how :math:`H_k u` is formed:
 
-``"exact"``
-    ``jax.grad`` of :math:`\theta \mapsto L(\theta_K(\theta); T_j)`: autodiff through the
-    inner loop (reverse-over-reverse).
-``"hvp_vjp"``
-    the backward walk above with :math:`H_k u` from ``jax.vjp`` of the inner gradient
-    (reverse-over-reverse); the inner gradient is computed once per step.
-``"hvp_jvp"``
-    the same walk with :math:`H_k u` from ``jax.linearize`` of the inner gradient
-    (forward-over-reverse): one pass yields :math:`g_k` and the linear map
-    :math:`u \mapsto H_k u`.
-``"first_order"``
-    the walk with every :math:`H_k` term dropped: the inner gradients are treated as
-    constants, as in first-order MAML. For SGD the meta-gradient is :math:`G`.
+``"jvp"`` (the default, the fastest measured)
+    ``jax.linearize`` of the inner gradient (forward-over-reverse): one pass yields
+    :math:`g_k` and the linear map :math:`u \mapsto H_k u`.
+``"vjp"``
+    ``jax.vjp`` of the inner gradient (reverse-over-reverse, the supplementary's Eq. 5); the
+    inner gradient is computed once per step.
+``"autodiff"``
+    no walk: ``jax.grad`` through the inner loop itself (reverse-over-reverse).
+
+:func:`meta_value_and_grad` is the convenience for the most common objective,
+:math:`L(\theta_K; T_j)`, built on :func:`adapt`; its ``method`` names one combination of the
+two options (:data:`METHOD_OPTIONS`): ``"hvp_jvp"`` (default) = ``hessian="jvp"``,
+``"hvp_vjp"`` = ``"vjp"``, ``"exact"`` = ``"autodiff"``, ``"first_order"`` =
+``first_order=True``. All four return the same meta-gradient up to round-off (first-order
+aside); time and memory differ (:func:`adapt`'s docstring has the measurements).
 
 Long inner loops. The inner steps run in ``lax.scan``: with a rolled loop
 (``unroll=False``) the compiled program, and so compile time, does not grow with :math:`K`.
 By default each step's linearisation (the residuals of ``jax.linearize`` / ``jax.vjp``, or
-autodiff's own for ``"exact"``) is stored for the backward walk, so memory grows by about one
+autodiff's own for ``hessian="autodiff"``) is stored for the backward walk, so memory grows by about one
 linearised inner gradient per step. With ``remat=True`` only each step's parameters and
 optimiser state are stored and the linearisation is recomputed during the backward walk:
 memory flat in :math:`K` beyond :math:`K` copies of the parameters (activations no longer
@@ -113,6 +121,7 @@ from jax import lax
 __all__ = [
     "METHODS",
     "HESSIAN_FORMS",
+    "METHOD_OPTIONS",
     "Adaptation",
     "adapt",
     "meta_value_and_grad",
@@ -131,6 +140,9 @@ METHODS = ("exact", "hvp_vjp", "hvp_jvp", "first_order")
 # How :func:`adapt`'s derivative forms the Hessian-vector products of its backward walk, or
 # "autodiff" for plain reverse-mode differentiation through the loop (no walk).
 HESSIAN_FORMS = ("jvp", "vjp", "autodiff")
+# meta_value_and_grad's methods as adapt's (hessian, first_order).
+METHOD_OPTIONS = {"exact": ("autodiff", False), "hvp_vjp": ("vjp", False), "hvp_jvp": ("jvp", False),
+                  "first_order": ("jvp", True)}
 
 PyTree = Any
 LossFn = Callable[[PyTree, Any], Any]
@@ -498,14 +510,6 @@ class _InnerLoop:
         batch, extra = x
         return (self.inner_batch if batch is None else batch), extra
 
-    def forward_step(self, carry, x):
-        """One inner step, recording nothing."""
-        theta, state_diff, state_rest = carry
-        batch, _ = x
-        gradient = self.axis.mean_of_gradients(self.local_gradient(theta, batch))
-        (theta, state_diff), state_rest = self.step_map(theta, state_diff, gradient, state_rest)
-        return (theta, state_diff, state_rest), None
-
     def local_gradient_and_aux(self, theta: PyTree, batch: Any):
         return jax.grad(self.loss_and_aux, has_aux=True)(theta, batch)
 
@@ -710,22 +714,23 @@ def inner_adapt(
     has_aux: bool = False,
     axis_name: Any = None,
     unroll: bool | int | None = None,
+    first_order: bool = False,
+    hessian: str = "jvp",
+    remat: bool = False,
 ) -> PyTree:
-    r"""The adapted parameters :math:`\theta_K` (differentiable), shaped like ``params``.
+    r"""``adapt(...).params``: the adapted parameters :math:`\theta_K`, shaped like ``params``.
 
-    The inner loop of :func:`meta_value_and_grad` (same arguments):
-    :math:`\theta_{k+1} = \theta_k + U(\mathrm{mean}_{\text{axis}} \nabla L(\theta_k; T_i^{(k)}), s_k, \theta_k)`,
-    plain SGD :math:`\theta_{k+1} = \theta_k - \alpha \odot g_k` with ``inner_lr``.
-    Non-differentiable leaves are returned unchanged.
+    Kept for code written before :func:`adapt` (same arguments, and ``hessian`` /
+    ``first_order`` / ``remat`` for its derivative, :func:`adapt`'s defaults): an alias, not a
+    second loop. Its reverse-mode derivative is the backward walk; pass
+    ``hessian="autodiff"`` for forward mode or derivatives with respect to the batch.
     """
-    loop, theta, state = _build_loop(
+    return adapt(
         loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
         inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
-        has_aux=has_aux, axis_name=axis_name, unroll=unroll,
-    )
-    state_diff, state_rest = split_differentiable(state)
-    (theta, _, _), _ = loop.scan(loop.forward_step, (theta, state_diff, state_rest))
-    return merge_differentiable(theta, loop.rest)
+        has_aux=has_aux, axis_name=axis_name, first_order=first_order, hessian=hessian, remat=remat,
+        unroll=unroll,
+    ).params
 
 
 def hessian_vector_product(
@@ -771,7 +776,7 @@ def meta_value_and_grad(
     inner_lr: Any = None,
     inner_optimizer: optax.GradientTransformation | None = None,
     inner_opt_state: Any = None,
-    method: str = "exact",
+    method: str = "hvp_jvp",
     inner_steps: int | None = None,
     per_step_batches: bool = False,
     has_aux: bool = False,
@@ -800,7 +805,9 @@ def meta_value_and_grad(
         sees the differentiable leaves only (``None`` elsewhere).
       inner_opt_state: its initial state :math:`s_0`; default
         ``inner_optimizer.init(differentiable leaves of params)``.
-      method: one of :data:`METHODS`; see the module docstring for the math of each.
+      method: one of :data:`METHODS` (default ``"hvp_jvp"``, the fastest exact one measured):
+        a combination of :func:`adapt`'s ``hessian`` and ``first_order``, see the module
+        docstring and :data:`METHOD_OPTIONS`.
       inner_steps: :math:`K \ge 1`; default 1, or the leading axis of per-step batches.
       per_step_batches: see ``inner_batch``.
       has_aux: ``loss_fn`` returns ``(loss, aux)``; the inner steps' aux is dropped, the
@@ -837,75 +844,25 @@ def meta_value_and_grad(
         has_aux=has_aux, axis_name=axis_name, unroll=unroll,
     )
     state_diff, state_rest = split_differentiable(state)
-    if method == "exact":
-        (loss, aux), (theta_bar, state_bar) = _exact(loop, theta, state_diff, state_rest, outer_batch, remat)
-    else:
-        (loss, aux), (theta_bar, state_bar) = _walk_back(loop, theta, state_diff, state_rest, outer_batch, method, remat)
+    hessian, first_order = METHOD_OPTIONS[method]
+
+    def outer_objective(theta, state_diff):
+        adaptation = adapt(
+            loss_fn, merge_differentiable(theta, loop.rest), inner_batch, inner_optimizer=loop.optimizer,
+            inner_opt_state=merge_differentiable(state_diff, state_rest), inner_steps=loop.steps,
+            per_step_batches=per_step_batches, has_aux=has_aux, axis_name=axis_name, first_order=first_order,
+            hessian=hessian, remat=remat, unroll=unroll,
+        )
+        return loop.loss_and_aux(split_differentiable(adaptation.params)[0], outer_batch)
+
+    (loss, aux), (theta_bar, state_bar) = jax.value_and_grad(outer_objective, argnums=(0, 1), has_aux=True)(
+        theta, state_diff)
+    # Per-device gradients of per-device outer losses: their mean over the devices (the walk's
+    # share is already global, and stays as it is).
+    theta_bar, state_bar = loop.axis.mean_of_gradients((theta_bar, state_bar))
     grads = (theta_bar, state_bar) if return_opt_state_grad else theta_bar
     loss = loop.axis.mean_of_losses(loss)
     return ((loss, aux), grads) if has_aux else (loss, grads)
-
-
-def _exact(loop: _InnerLoop, theta, state_diff, state_rest, outer_batch, remat: bool):
-    body = jax.checkpoint(loop.forward_step) if remat else loop.forward_step
-
-    def outer_loss_after_adaptation(theta0, state0):
-        (theta_k, _, _), _ = loop.scan(body, (theta0, state0, state_rest))
-        return loop.loss_and_aux(theta_k, outer_batch)
-
-    value, grads = jax.value_and_grad(outer_loss_after_adaptation, argnums=(0, 1), has_aux=True)(theta, state_diff)
-    return value, loop.axis.mean_of_gradients(grads)
-
-
-_HVP_MODE = {"hvp_jvp": "jvp", "hvp_vjp": "vjp", "first_order": None}
-
-
-def _walk_back(loop: _InnerLoop, theta, state_diff, state_rest, outer_batch, method: str, remat: bool):
-    """Forward through the inner loop, then the backward walk of the module docstring."""
-    mode = _HVP_MODE[method]
-
-    def linearize_step(theta_k, state_diff_k, state_rest_k, batch):
-        """Step k's update and the two maps the walk needs: VJP(S_k) and u -> H_k u."""
-        if mode is None:
-            local_gradient, hvp = loop.local_gradient(theta_k, batch), None
-        else:
-            local_gradient, hvp = _linearized_inner_gradient(loop, theta_k, batch, mode)
-        gradient = loop.axis.mean_of_gradients(local_gradient)
-        step_map = lambda t, s, g: loop.step_map(t, s, g, state_rest_k)
-        new_carry, step_vjp, new_rest = jax.vjp(step_map, theta_k, state_diff_k, gradient, has_aux=True)
-        return new_carry, new_rest, step_vjp, hvp
-
-    def forward(carry, x):
-        theta_k, state_diff_k, state_rest_k = carry
-        batch, _ = x
-        if remat:  # keep only the step's inputs; the walk recomputes the rest
-            next_carry, _ = loop.forward_step(carry, x)
-            return next_carry, (theta_k, state_diff_k, state_rest_k)
-        (theta_next, state_next), rest_next, step_vjp, hvp = linearize_step(theta_k, state_diff_k, state_rest_k, batch)
-        return (theta_next, state_next, rest_next), (step_vjp, hvp)
-
-    (theta_k, state_diff_k, _), records = loop.scan(forward, (theta, state_diff, state_rest))
-    (loss, aux), outer_gradient = jax.value_and_grad(loop.loss_and_aux, has_aux=True)(theta_k, outer_batch)
-    # The walk's vectors must be global (identical on every device) before any H_k u: a
-    # per-device vector would give mean_d H_d v_d.
-    theta_bar = loop.axis.mean_of_gradients(outer_gradient)
-    state_bar = jax.tree_util.tree_map(jnp.zeros_like, state_diff_k)
-
-    def backward(cotangents, x):
-        theta_bar_next, state_bar_next = cotangents
-        batch, record = x
-        if remat:
-            _, _, step_vjp, hvp = linearize_step(*record, batch)
-        else:
-            step_vjp, hvp = record
-        theta_bar_k, state_bar_k, gradient_bar = step_vjp((theta_bar_next, state_bar_next))
-        if hvp is not None:
-            curvature = loop.axis.mean_of_gradients(hvp(gradient_bar))
-            theta_bar_k = jax.tree_util.tree_map(jnp.add, theta_bar_k, curvature)
-        return (theta_bar_k, state_bar_k), None
-
-    (theta_bar, state_bar), _ = loop.scan(backward, (theta_bar, state_bar), reverse=True, extra_xs=records)
-    return (loss, aux), (theta_bar, state_bar)
 
 
 # ------------------------------------------------------------------------------------------
