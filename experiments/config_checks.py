@@ -13,7 +13,7 @@ from fgnet_jax import selection as selection_lib
 from fgnet_jax.meta import METHODS
 from fgnet_jax.models.resnet import STAGE_SIZES
 from fgnet_jax.parallel import PARALLELISM
-from fgnet_jax.train import BATCH_STATS_SOURCES
+from fgnet_jax.train import BATCH_STATS_SOURCES, INNER_OPTIMIZERS
 
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")
 META_STAGES = ("meta_train", "meta_train_selected")
@@ -61,6 +61,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     require(set(new_heads) <= set(NEW_HEAD_CHOICES),
             f"config.init_new_heads={new_heads}: choose among {', '.join(NEW_HEAD_CHOICES)}")
     require(config.meta.method in METHODS, f"config.meta.method={config.meta.method!r}: choose one of {', '.join(METHODS)}")
+    require(config.meta.inner_optimizer in INNER_OPTIMIZERS,
+            f"config.meta.inner_optimizer={config.meta.inner_optimizer!r}: choose one of {', '.join(INNER_OPTIMIZERS)}")
     require(config.meta.batch_stats_from in BATCH_STATS_SOURCES,
             f"config.meta.batch_stats_from={config.meta.batch_stats_from!r}: choose one of {', '.join(BATCH_STATS_SOURCES)}")
     require(config.model.depth in STAGE_SIZES, f"config.model.depth={config.model.depth}: choose one of {sorted(STAGE_SIZES)}")

@@ -3,18 +3,30 @@ r"""Training state, optimiser groups and the per-device MetaFGNet, fine-tuning a
 One MetaFGNet iteration (``train_step``) on a batch ``{"inner": T_i, "outer": T_j,
 "auxiliary": S}``:
 
-1. meta-gradient of :math:`L(T_j; \theta^t - \eta \nabla L(T_i; \theta^t))` with respect to
-   :math:`\theta^t = [\theta_b, \theta_c^t]` (:func:`fgnet_jax.meta.meta_value_and_grad`,
-   method from the config, :math:`\eta` following the target head's milestones);
-2. gradient of :math:`\lambda L(S; \theta_b, \theta_c^s)` at the current parameters;
-3. :math:`\theta_b` gets both, :math:`\theta_c^t` the first, :math:`\theta_c^s` the second,
-   and ONE optax update applies the sum.
+the gradient of the objective
 
-Difference from the authors' code: it stepped two optimisers per iteration (one after the
-meta loss, one after the auxiliary loss), so momentum and weight decay acted twice on the
-backbone and the auxiliary gradient was taken at already-moved parameters. Here both
-gradients are taken at the same parameters and momentum/weight decay act once, which is the
-gradient of the stated objective.
+.. math::
+
+    \mathcal{L}(\theta) = L\big(T_j;\ \mathrm{adapt}(\theta^t; T_i)\big) + \lambda\, L(S;\ \theta_b, \theta_c^s),
+    \qquad \theta^t = [\theta_b, \theta_c^t],
+
+an ordinary function of :math:`\theta = [\theta_b, \theta_c^t, \theta_c^s]` built on
+:func:`fgnet_jax.meta.adapt` (K inner steps on T_i, plain SGD at :math:`\eta` by default,
+:math:`\eta` following the target head's milestones) and differentiated once by
+``jax.value_and_grad``: :math:`\theta_b` gets both terms' gradients, :math:`\theta_c^t` the
+first, :math:`\theta_c^s` the second, and ONE optax update applies the sum. The derivative
+through ``adapt`` is its backward walk (``MetaStepConfig.method``: the Hessian form, or
+first-order).
+
+``MetaStepConfig.two_updates=True`` is the authors' update instead: their trainer computed
+both gradients at :math:`\theta`, then called ``optimizer.step()`` with the meta-gradient
+(backbone and target head; the auxiliary head with a zero gradient), ``zero_grad()``, and
+``optimizer.step()`` again with the auxiliary gradient (the target head with a zero
+gradient). So every group's weight decay and momentum act twice per iteration, the second
+update's weight decay at the already-moved parameters, and each head also moves in the
+other's update by momentum and weight decay alone. Both gradients are still taken at the
+same :math:`\theta`; the learning-rate schedules count iterations, not updates
+(``OptimizerConfig.updates_per_step=2``).
 
 BatchNorm running statistics (``MetaStepConfig.batch_stats_from``). Every pass of the step
 normalises with its own batch statistics (training mode); what differs is which passes feed
@@ -51,13 +63,12 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from fgnet_jax.meta import METHODS, mean_gradients, meta_value_and_grad
+from fgnet_jax.meta import METHOD_OPTIONS, METHODS, adapt, mean_gradients
 from fgnet_jax.parallel import DataParallel
 from fgnet_jax.objective import (
     AUXILIARY_KEYS,
     TARGET_KEYS,
     auxiliary_loss_fn,
-    combine_gradients,
     select,
     target_loss_fn,
 )
@@ -68,6 +79,7 @@ __all__ = [
     "OptimizerConfig",
     "BATCH_STATS_SOURCES",
     "PARAM_GROUPS",
+    "INNER_OPTIMIZERS",
     "step_decay",
     "make_optimizer",
     "create_train_state",
@@ -86,6 +98,10 @@ __all__ = [
 PyTree = Any
 PARAM_GROUPS = ("backbone", "target_head", "auxiliary_head")
 BATCH_STATS_SOURCES = ("auxiliary_then_target", "outer")
+# The inner update rule of the meta step, at rate eta: the paper's plain SGD, SGD with
+# momentum 0.9, or Adam (eps_root > 0: its square root then has a finite derivative where an
+# inner gradient entry is exactly zero, e.g. a bias before BatchNorm).
+INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 
 @flax.struct.dataclass
@@ -117,6 +133,12 @@ class MetaStepConfig:
       decay_factor: that factor.
       batch_stats_from: which passes update the BatchNorm running statistics, one of
         :data:`BATCH_STATS_SOURCES` (module docstring).
+      inner_optimizer: the inner update rule at rate :math:`\\eta`, one of
+        :data:`INNER_OPTIMIZERS` (the paper: ``"sgd"``).
+      remat, unroll: :func:`fgnet_jax.meta.adapt`'s (memory flat in K; the inner loop
+        rolled or unrolled, ``None``: the backend's default).
+      two_updates: the authors' two optimiser updates per iteration (module docstring);
+        the optimiser must then be made with ``OptimizerConfig(updates_per_step=2)``.
 
     ``inner_lr`` and ``auxiliary_weight`` may be traced scalars: a config built inside a
     jitted function from its arguments lets one compilation serve every :math:`\\eta` and
@@ -130,8 +152,15 @@ class MetaStepConfig:
     milestones: tuple[int, ...] = ()
     decay_factor: float = 0.1
     batch_stats_from: str = "auxiliary_then_target"
+    inner_optimizer: str = "sgd"
+    remat: bool = False
+    unroll: bool | int | None = None
+    two_updates: bool = False
 
     def __post_init__(self):
+        if self.inner_optimizer not in INNER_OPTIMIZERS:
+            raise ValueError(f"unknown inner_optimizer {self.inner_optimizer!r}; choose one of "
+                             f"{', '.join(INNER_OPTIMIZERS)}")
         if self.method not in METHODS:
             raise ValueError(f"unknown meta-gradient method {self.method!r}; choose one of {', '.join(METHODS)}")
         # Traced values (a sweep over eta or lambda inside one jit) are checked by whoever made them concrete.
@@ -154,6 +183,8 @@ class OptimizerConfig:
     while fine-tuning on target data, the target head while training on auxiliary data.
     The groups named in ``decayed_groups`` follow :func:`step_decay` over ``milestones``;
     the others keep their rate (the authors decayed only the newly added classifier).
+    ``updates_per_step``: optimiser updates per training iteration (2 for the authors' two
+    updates, ``MetaStepConfig.two_updates``); the schedules count iterations.
     """
 
     backbone_lr: float | None = 1e-3
@@ -164,8 +195,11 @@ class OptimizerConfig:
     decayed_groups: tuple[str, ...] = ("target_head",)
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    updates_per_step: int = 1
 
     def __post_init__(self):
+        if self.updates_per_step not in (1, 2):
+            raise ValueError(f"updates_per_step must be 1 or 2 (MetaStepConfig.two_updates), got {self.updates_per_step}")
         for group in PARAM_GROUPS:
             value = self.learning_rate(group)
             if value is not None and value < 0:
@@ -224,7 +258,9 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
             groups[group] = optax.set_to_zero()
             continue
         if group in config.decayed_groups:
-            rate = step_decay(rate, config.milestones, config.decay_factor)
+            decay = step_decay(rate, config.milestones, config.decay_factor)
+            rate = decay if config.updates_per_step == 1 else (
+                lambda count, decay=decay: decay(count // config.updates_per_step))
         groups[group] = _torch_sgd(rate, config.momentum, config.weight_decay)
     return optax.multi_transform(groups, lambda params: {key: key for key in params})
 
@@ -249,6 +285,15 @@ def _accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 
+def _inner_optimizer(name: str, inner_lr) -> dict:
+    """adapt's inner-loop arguments for the inner update rule ``name`` at rate ``inner_lr``."""
+    if name == "sgd":
+        return {"inner_lr": inner_lr}
+    if name == "momentum":
+        return {"inner_optimizer": optax.sgd(inner_lr, momentum=0.9)}
+    return {"inner_optimizer": optax.adam(inner_lr, eps_root=1e-8)}
+
+
 def metafgnet_gradients(
     model,
     params: PyTree,
@@ -259,42 +304,58 @@ def metafgnet_gradients(
     config: MetaStepConfig,
     axis_name: str | None = None,
 ):
-    """The combined MetaFGNet gradient at ``params`` (before the optimiser).
+    """The MetaFGNet gradients at ``params`` (before the optimiser).
 
-    Returns ``(grads, new_batch_stats, metrics)``: ``grads`` shaped like ``params`` and
-    averaged over ``axis_name``; ``new_batch_stats`` the running statistics after the passes
-    named by ``config.batch_stats_from`` (module docstring); metrics averaged over devices.
+    Returns ``(grads, new_batch_stats, metrics)``: ``grads`` a tuple of gradient trees shaped
+    like ``params``, averaged over ``axis_name``, to apply one optimiser update each, in
+    order: the objective's gradient ``(g,)``, or with ``config.two_updates`` the meta-gradient
+    and the weighted auxiliary gradient ``(g_meta, lambda g_aux)`` (zeros in the other head);
+    ``new_batch_stats`` the running statistics after the passes named by
+    ``config.batch_stats_from`` (module docstring); metrics averaged over devices.
     """
-    target_params = select(params, TARGET_KEYS)
-    (meta_loss, outer_aux), meta_grads = meta_value_and_grad(
-        target_loss_fn(model, batch_stats),
-        target_params,
-        batch["inner"],
-        batch["outer"],
-        inner_lr=inner_lr,
-        method=config.method,
-        inner_steps=config.inner_steps,
-        has_aux=True,
-        axis_name=axis_name,
-    )
-    (auxiliary_loss, auxiliary_aux), auxiliary_grads = jax.value_and_grad(
-        auxiliary_loss_fn(model, batch_stats), has_aux=True
-    )(select(params, AUXILIARY_KEYS), batch["auxiliary"])
-    auxiliary_grads = mean_gradients(auxiliary_grads, axis_name)
-    grads = combine_gradients(meta_grads, auxiliary_grads, config.auxiliary_weight)
+    hessian, first_order = METHOD_OPTIONS[config.method]
+    target_loss = target_loss_fn(model, batch_stats)
+    auxiliary_loss = auxiliary_loss_fn(model, batch_stats)
+
+    def meta_term(target_params):
+        adapted = adapt(target_loss, target_params, batch["inner"], inner_steps=config.inner_steps, has_aux=True,
+                        axis_name=axis_name, first_order=first_order, hessian=hessian, remat=config.remat,
+                        unroll=config.unroll, **_inner_optimizer(config.inner_optimizer, inner_lr)).params
+        return target_loss(adapted, batch["outer"])
+
+    def auxiliary_term(auxiliary_params):
+        return auxiliary_loss(auxiliary_params, batch["auxiliary"])
+
+    def objective(params):
+        meta_loss, outer_aux = meta_term(select(params, TARGET_KEYS))
+        auxiliary_loss_value, auxiliary_aux = auxiliary_term(select(params, AUXILIARY_KEYS))
+        total = meta_loss + config.auxiliary_weight * auxiliary_loss_value
+        return total, (meta_loss, auxiliary_loss_value, outer_aux, auxiliary_aux)
+
+    if config.two_updates:
+        (meta_loss, outer_aux), meta_grads = jax.value_and_grad(meta_term, has_aux=True)(select(params, TARGET_KEYS))
+        (auxiliary_loss_value, auxiliary_aux), auxiliary_grads = jax.value_and_grad(auxiliary_term, has_aux=True)(
+            select(params, AUXILIARY_KEYS))
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        weighted = jax.tree_util.tree_map(lambda g: config.auxiliary_weight * g, auxiliary_grads)
+        grads = (dict(zeros, **meta_grads), dict(zeros, **weighted))
+    else:
+        (_, (meta_loss, auxiliary_loss_value, outer_aux, auxiliary_aux)), total_grads = jax.value_and_grad(
+            objective, has_aux=True)(params)
+        grads = (total_grads,)
+    grads = tuple(mean_gradients(g, axis_name) for g in grads)
     if config.batch_stats_from == "outer":
         new_batch_stats = outer_aux["batch_stats"]
     else:  # S at theta, then T_j at theta^t: the authors' two passes, in their order
-        _, target_aux = target_loss_fn(model, auxiliary_aux["batch_stats"])(target_params, batch["outer"])
+        _, target_aux = target_loss_fn(model, auxiliary_aux["batch_stats"])(select(params, TARGET_KEYS), batch["outer"])
         new_batch_stats = target_aux["batch_stats"]
     metrics = {
         "meta_loss": meta_loss,
-        "auxiliary_loss": auxiliary_loss,
-        "loss": meta_loss + config.auxiliary_weight * auxiliary_loss,
+        "auxiliary_loss": auxiliary_loss_value,
+        "loss": meta_loss + config.auxiliary_weight * auxiliary_loss_value,
         "outer_accuracy": _accuracy(outer_aux["logits"], batch["outer"]["label"]),
         "auxiliary_accuracy": _accuracy(auxiliary_aux["logits"], batch["auxiliary"]["label"]),
-        "meta_grad_norm": optax.tree.norm(meta_grads),
-        "auxiliary_grad_norm": optax.tree.norm(auxiliary_grads),
+        "grad_norm": optax.tree.norm(jax.tree_util.tree_map(lambda *g: sum(g), *grads)),
     }
     return grads, jax.lax.stop_gradient(new_batch_stats), _axis_mean(metrics, axis_name)
 
@@ -308,7 +369,8 @@ def train_step(
     config: MetaStepConfig,
     axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One MetaFGNet iteration: meta + auxiliary gradients, one optax update.
+    """One MetaFGNet iteration: the objective's gradient and one optax update (two with
+    ``config.two_updates``, the authors' form).
 
     :math:`\\eta` at this step is ``step_decay(config.inner_lr, config.milestones)`` of the
     state's step, the schedule the target head's rate follows.
@@ -317,8 +379,10 @@ def train_step(
     grads, batch_stats, metrics = metafgnet_gradients(
         model, state.params, state.batch_stats, batch, inner_lr=inner_lr, config=config, axis_name=axis_name
     )
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state = state.params, state.opt_state
+    for gradient in grads:  # one update, or the authors' two (meta, then auxiliary)
+        updates, opt_state = tx.update(gradient, opt_state, params)
+        params = optax.apply_updates(params, updates)
     metrics = dict(metrics, inner_lr=inner_lr)
     return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
 

@@ -19,7 +19,7 @@ import pytest
 
 import tiny_config as tiny_config_lib  # tests/tiny_config.py
 from experiments import pipeline, runner
-from experiments.stages import auxiliary_pretrain, finetune, start_weights
+from experiments.stages import auxiliary_pretrain, finetune, meta_train, start_weights
 from fgnet_jax import selection as selection_lib
 from fgnet_jax.checkpoint import StageCheckpointer
 from fgnet_jax.models import MetaFGNet, init_variables
@@ -229,7 +229,25 @@ def test_stage_one_and_five_optimisers_use_the_converted_milestones(tiny_config)
     assert (stage5.auxiliary_head_lr, stage5.decayed_groups) == (None, ("target_head",))
 
 
+def test_meta_step_options_reach_the_step_from_the_config(tiny_config):
+    """Every meta-step option of the experiment config arrives in the step's settings (the
+    paper's defaults otherwise), and two_updates sets the optimiser's schedule to count
+    iterations (two updates each)."""
+    config = tiny_config()
+    defaults, default_optimizer = meta_train.step_configs(config, config.meta_train)
+    assert (defaults.inner_optimizer, defaults.remat, defaults.two_updates, default_optimizer.updates_per_step) == (
+        "sgd", False, False, 1)
+    config.meta.method, config.meta.inner_steps, config.meta.inner_optimizer = "hvp_vjp", 3, "momentum"
+    config.meta.remat, config.meta.two_updates = True, True
+    pipeline.validate_config(config, 4)
+    meta_config, optimizer = meta_train.step_configs(config, config.meta_train_selected)
+    assert (meta_config.method, meta_config.inner_steps, meta_config.inner_optimizer) == ("hvp_vjp", 3, "momentum")
+    assert (meta_config.remat, meta_config.two_updates, optimizer.updates_per_step) == (True, True, 2)
+    assert meta_config.milestones == optimizer.milestones == tuple(config.meta_train_selected.milestones)
+
+
 @pytest.mark.parametrize("overrides, message", [
+    ({"meta.inner_optimizer": "rmsprop"}, "config.meta.inner_optimizer='rmsprop': choose one of sgd, momentum, adam"),
     ({"init_checkpoint": ""}, 'config.init_checkpoint is empty: set it to a directory written by'),
     ({"init_checkpoint": "/no/such/dir"}, "is not a directory"),
     ({"meta_train.steps": 0}, "config.meta_train_selected.steps=4 needs a selection"),

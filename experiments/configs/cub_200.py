@@ -111,6 +111,14 @@ def get_config() -> ml_collections.ConfigDict:
     # authors': S at theta, then T_j at theta^t, every iteration) or "outer" (T_j at the
     # adapted parameters only).
     config.meta.batch_stats_from = "auxiliary_then_target"
+    # The inner update rule at eta: "sgd" (the paper), "momentum" (0.9) or "adam".
+    config.meta.inner_optimizer = "sgd"
+    # Keep only each inner step's parameters for the meta-gradient and recompute the rest
+    # (memory flat in inner_steps, about one extra inner gradient per step).
+    config.meta.remat = False
+    # The authors' two optimiser updates per iteration (meta, then auxiliary gradient; weight
+    # decay and momentum act twice): off, one update of the combined gradient (README).
+    config.meta.two_updates = False
 
     # Stage 2 (MetaFGNet_without_Sample_Selection/run.sh: --epochs 37263 --schedule 12421
     # 24842 --test-freq 6210; ~3 passes over L-Bird at batch 256). Meta stages use

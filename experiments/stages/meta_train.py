@@ -58,25 +58,7 @@ def run(ctx: Context, name: str, start_variables: dict, auxiliary_source) -> tup
         head_rng = jax.random.fold_in(jax.random.key(config.seed, impl="rbg"), _HEAD_SEED_OFFSET)
         variables = {"params": fresh_target_head(start_variables["params"], head_rng),
                      "batch_stats": start_variables["batch_stats"]}
-    meta_config = MetaStepConfig(
-        method=config.meta.method,
-        inner_lr=config.meta.inner_lr,
-        inner_steps=config.meta.inner_steps,
-        auxiliary_weight=config.meta.auxiliary_weight,
-        milestones=tuple(stage.milestones),
-        decay_factor=config.optimizer.decay_factor,
-        batch_stats_from=config.meta.batch_stats_from,
-    )
-    optimizer = OptimizerConfig(
-        backbone_lr=config.optimizer.backbone_lr,
-        target_head_lr=config.optimizer.target_head_lr,
-        auxiliary_head_lr=config.optimizer.auxiliary_head_lr,
-        milestones=tuple(stage.milestones),
-        decay_factor=config.optimizer.decay_factor,
-        decayed_groups=("target_head",),
-        momentum=config.optimizer.momentum,
-        weight_decay=config.optimizer.weight_decay,
-    )
+    meta_config, optimizer = step_configs(config, stage)
 
     def stream(start: int, num_steps: int):
         return data_lib.meta_train_stream(
@@ -97,6 +79,35 @@ def run(ctx: Context, name: str, start_variables: dict, auxiliary_source) -> tup
     )
     state, result = runner.run_stage(ctx, spec)
     return {"params": state.params, "batch_stats": state.batch_stats}, result
+
+
+def step_configs(config, stage) -> tuple[MetaStepConfig, OptimizerConfig]:
+    """The meta step's and the optimiser's settings for a meta stage (``config[name]``) of
+    the experiment config."""
+    meta_config = MetaStepConfig(
+        method=config.meta.method,
+        inner_lr=config.meta.inner_lr,
+        inner_steps=config.meta.inner_steps,
+        auxiliary_weight=config.meta.auxiliary_weight,
+        milestones=tuple(stage.milestones),
+        decay_factor=config.optimizer.decay_factor,
+        batch_stats_from=config.meta.batch_stats_from,
+        inner_optimizer=config.meta.inner_optimizer,
+        remat=config.meta.remat,
+        two_updates=config.meta.two_updates,
+    )
+    optimizer = OptimizerConfig(
+        backbone_lr=config.optimizer.backbone_lr,
+        target_head_lr=config.optimizer.target_head_lr,
+        auxiliary_head_lr=config.optimizer.auxiliary_head_lr,
+        milestones=tuple(stage.milestones),
+        decay_factor=config.optimizer.decay_factor,
+        decayed_groups=("target_head",),
+        momentum=config.optimizer.momentum,
+        weight_decay=config.optimizer.weight_decay,
+        updates_per_step=2 if config.meta.two_updates else 1,
+    )
+    return meta_config, optimizer
 
 
 def _step(model, optimizer: OptimizerConfig, meta_config: MetaStepConfig, parallel):
