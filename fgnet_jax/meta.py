@@ -71,9 +71,12 @@ autodiff's own for ``hessian="autodiff"``) is stored for the backward walk, so m
 linearised inner gradient per step. With ``remat=True`` only each step's parameters and
 optimiser state are stored and the linearisation is recomputed during the backward walk:
 memory flat in :math:`K` beyond :math:`K` copies of the parameters (activations no longer
-accumulate), for about one extra inner gradient per step.
+accumulate), for about one extra inner gradient per step. That holds only in a rolled loop
+(unrolled, XLA plans the steps' buffers as a whole and keeps what remat would recompute:
+measured, the same memory with and without remat), so ``remat=True`` rolls the loop by
+default on every backend and refuses ``unroll=True``.
 
-``unroll=None`` (the default) rolls the loop on GPUs and TPUs and unrolls it on the CPU
+Without remat, ``unroll=None`` (the default) rolls the loop on GPUs and TPUs and unrolls it on the CPU
 backend, because XLA:CPU rewrites convolutions into the layout of its fast (Eigen) kernels
 only in a program's entry computation: inside a loop, a convolution's weight gradient runs
 on a naive code path (measured 17x slower for a two-step meta-gradient of a small CNN,
@@ -539,8 +542,18 @@ def _first_of_pullback(pullback, u):
     return pullback(u)[0]
 
 
-def _resolve_unroll(unroll: bool | int | None) -> bool | int:
-    """lax.scan's ``unroll`` for the inner loop (see the module docstring for the default)."""
+def _resolve_unroll(unroll: bool | int | None, remat: bool = False) -> bool | int:
+    """lax.scan's ``unroll`` for the inner loop (see the module docstring for the default).
+
+    ``remat`` keeps memory flat in K only in a rolled loop (XLA plans an unrolled loop's
+    buffers as a whole and keeps what remat would recompute), so with it the default is a
+    rolled loop on every backend, and ``unroll=True`` is refused."""
+    if remat:
+        if unroll is True:
+            raise ValueError("remat=True keeps memory flat in K only in a rolled loop, and unroll=True unrolls it: "
+                             "pass unroll=None (rolled with remat), False or an int")
+        if unroll is None:
+            return 1
     if unroll is None:
         return True if jax.default_backend() == "cpu" else 1
     if unroll is False:
@@ -551,7 +564,7 @@ def _resolve_unroll(unroll: bool | int | None) -> bool | int:
 
 
 def _build_loop(loss_fn, params, inner_batch, *, inner_lr, inner_optimizer, inner_opt_state, inner_steps,
-                per_step_batches, has_aux, axis_name, unroll=None):
+                per_step_batches, has_aux, axis_name, unroll=None, remat=False):
     """The inner loop of one call, the differentiable leaves and the optimiser's initial state."""
     differentiable, rest = split_differentiable(params)
     steps = _resolve_inner_steps(inner_steps, inner_batch, per_step_batches)
@@ -579,7 +592,7 @@ def _build_loop(loss_fn, params, inner_batch, *, inner_lr, inner_optimizer, inne
     state = jax.tree_util.tree_map(fit_learned_rates, state,
                                    is_leaf=lambda node: isinstance(node, (LearnedSgdState, PerStepSgdState)))
     loop = _InnerLoop(loss_fn, has_aux, rest, inner_optimizer, steps, inner_batch, per_step_batches,
-                      _DeviceAxis.bind(axis_name), _resolve_unroll(unroll))
+                      _DeviceAxis.bind(axis_name), _resolve_unroll(unroll, remat))
     return loop, differentiable, state
 
 
@@ -655,7 +668,9 @@ def adapt(
       remat: keep only each step's parameters and optimiser state for the derivative and
         recompute the step's linearisation in the backward pass (``jax.checkpoint`` for
         ``"autodiff"``): memory flat in K beyond K parameter copies, about one extra inner
-        gradient per step.
+        gradient per step. Needs a rolled loop: the default becomes rolled on every backend
+        (on the CPU, convolutions' weight gradients then take XLA:CPU's slow path), and
+        ``unroll=True`` is a one-line error.
 
     Returns:
       :class:`Adaptation`. ``aux`` (``has_aux=True``) holds each step's aux, evaluated at
@@ -686,7 +701,7 @@ def adapt(
     loop, theta, state = _build_loop(
         loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
         inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
-        has_aux=has_aux, axis_name=axis_name, unroll=unroll,
+        has_aux=has_aux, axis_name=axis_name, unroll=unroll, remat=remat,
     )
     state_diff, state_rest = split_differentiable(state)
     if hessian == "autodiff":
@@ -817,10 +832,11 @@ def meta_value_and_grad(
         devices give the result of one device with the concatenated batch.
       remat: store only each inner step's parameters and optimiser state, and recompute its
         linearisation in the backward walk (memory flat in :math:`K`; about one extra inner
-        gradient per step).
+        gradient per step; the loop is then rolled, see ``unroll``).
       unroll: ``False`` keeps the loop over inner steps rolled (compile time flat in
         :math:`K`), ``True`` unrolls it, an int unrolls that many steps per iteration;
-        ``None``: unrolled on the CPU backend, rolled elsewhere (module docstring).
+        ``None``: rolled with ``remat``, otherwise unrolled on the CPU backend and rolled
+        elsewhere (module docstring).
       return_opt_state_grad: also return the gradient with respect to ``inner_opt_state``
         (learned rates with :func:`learned_sgd`, or hyperparameters injected with
         ``optax.inject_hyperparams``). With ``inner_lr`` the state is ``learned_sgd(inner_lr)``'s,
@@ -841,7 +857,7 @@ def meta_value_and_grad(
     loop, theta, state = _build_loop(
         loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
         inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
-        has_aux=has_aux, axis_name=axis_name, unroll=unroll,
+        has_aux=has_aux, axis_name=axis_name, unroll=unroll, remat=remat,
     )
     state_diff, state_rest = split_differentiable(state)
     hessian, first_order = METHOD_OPTIONS[method]

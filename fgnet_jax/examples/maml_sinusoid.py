@@ -27,7 +27,7 @@ as in the paper (which tuned this baseline's fine-tuning rate; here it is 0.01 l
 Evaluation. A fixed set of fresh tasks (600 by default, drawn from ``Config.eval_seed``, the same for
 every method and seed), each with 10 adaptation points and 100 query points. Each trained
 network takes N plain SGD steps at rate 0.01 on the 10 points (the inner update of
-:func:`fgnet_jax.meta.inner_adapt`); the table reports the query MSE averaged over the tasks
+:func:`fgnet_jax.meta.adapt`); the table reports the query MSE averaged over the tasks
 after N = 0 (the pre-update model), 1 and 10 steps, as mean +- sample standard deviation over
 the seeds. Each seed sets the initialisation and the stream of training tasks, shared by all
 methods of that seed.
@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from fgnet_jax.meta import METHODS, inner_adapt, meta_value_and_grad
+from fgnet_jax.meta import METHODS, adapt, meta_value_and_grad
 
 AMPLITUDE_RANGE = (0.1, 5.0)
 PHASE_RANGE = (0.0, math.pi)
@@ -262,7 +262,7 @@ def adaptation_trajectory(params: Params, support: Batch, config: Config) -> Par
     """Parameters after 0, 1, ..., ``eval_steps`` SGD steps on ``support`` (leading axis: step)."""
 
     def step(theta, _):
-        return inner_adapt(mse, theta, support, inner_lr=config.inner_lr), theta
+        return adapt(mse, theta, support, inner_lr=config.inner_lr).params, theta
 
     final, trajectory = lax.scan(step, params, None, length=config.eval_steps)
     return jax.tree_util.tree_map(lambda path, last: jnp.concatenate([path, last[None]]), trajectory, final)

@@ -1,12 +1,12 @@
-r"""Recipe: ``inner_adapt`` for few-shot evaluation and for MAML over a batch of tasks
+r"""Recipe: ``adapt`` for few-shot evaluation and for MAML over a batch of tasks
 (``jax.vmap``), differentiated with ``jax.grad``.
 
     python -m fgnet_jax.examples.recipes.inner_adaptation
 
-``inner_adapt(loss_fn, params, support, inner_lr=..., inner_steps=K)`` returns the adapted
-parameters :math:`\theta_K(\theta)` of the inner loop of ``meta_value_and_grad``, as a
-differentiable function of ``params``: evaluate them on a query set, ``jax.vmap`` the
-adaptation over tasks, and ``jax.grad`` through it for a MAML meta-batch,
+``adapt(loss_fn, params, support, inner_lr=..., inner_steps=K).params`` are the adapted
+parameters :math:`\theta_K(\theta)`, a differentiable function of ``params``: evaluate them on
+a query set, ``jax.vmap`` the adaptation over tasks, and ``jax.grad`` an outer objective of
+your own through it, here MAML's meta-batch loss,
 
 .. math::
 
@@ -14,8 +14,9 @@ adaptation over tasks, and ``jax.grad`` through it for a MAML meta-batch,
     \theta_{k+1}^{(t)} = \theta_k^{(t)} - \eta \nabla L(\theta_k^{(t)}; S_t), \quad \theta_0^{(t)} = \theta,
 
 with support sets :math:`S_t` and query sets :math:`Q_t` (regression, mean squared error).
-``jax.grad`` differentiates through ``lax.scan`` over the steps: that is the ``"exact"``
-method; ``meta_value_and_grad`` offers the others.
+``jax.grad`` runs ``adapt``'s backward walk (Hessian-vector products by forward-over-reverse,
+the default ``hessian="jvp"``); ``first_order=True`` or another ``hessian`` are one argument
+away. (``inner_adapt``, the older name, is ``adapt(...).params``.)
 
 Checked: :math:`T = 3` tasks, :math:`K = 2` steps; the adapted parameters of every task, the
 mean query loss and its gradient, against ``jax.grad`` through the steps written out below.
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fgnet_jax.examples.recipes._checks import print_report, relative_error, require_second_order_effect
-from fgnet_jax.meta import inner_adapt
+from fgnet_jax.meta import adapt
 
 INNER_LR = 0.1
 INNER_STEPS = 2
@@ -69,9 +70,9 @@ def make_tasks(seed: int = 0):
 
 def adapt_all_tasks(params, support):
     """Every task's adapted parameters (leading axis: the task)."""
-    adapt = lambda task_support: inner_adapt(squared_error, params, task_support, inner_lr=INNER_LR,
-                                             inner_steps=INNER_STEPS)
-    return jax.vmap(adapt)(support)
+    adapt_task = lambda task_support: adapt(squared_error, params, task_support, inner_lr=INNER_LR,
+                                            inner_steps=INNER_STEPS).params
+    return jax.vmap(adapt_task)(support)
 
 
 def mean_query_loss(params, support, query):
@@ -113,12 +114,12 @@ def check() -> dict[str, float]:
         return {
             "adapted parameters, every task": relative_error(adapted, expected_adapted),
             "mean query loss": relative_error(loss, expected_loss),
-            "jax.grad through vmap(inner_adapt)": relative_error(grads, expected_grads),
+            "jax.grad through vmap(adapt)": relative_error(grads, expected_grads),
         }
 
 
 def main() -> None:
-    print_report(f"inner_adapt under jax.vmap over {TASKS} tasks, K={INNER_STEPS} SGD steps, differentiated with "
+    print_report(f"adapt under jax.vmap over {TASKS} tasks, K={INNER_STEPS} SGD steps, differentiated with "
                  "jax.grad, against the steps written out", check())
 
 
