@@ -716,36 +716,15 @@ def adapt(
                       aux if has_aux else None)
 
 
-def inner_adapt(
-    loss_fn: LossFn,
-    params: PyTree,
-    inner_batch: Any,
-    *,
-    inner_lr: Any = None,
-    inner_optimizer: optax.GradientTransformation | None = None,
-    inner_opt_state: Any = None,
-    inner_steps: int | None = None,
-    per_step_batches: bool = False,
-    has_aux: bool = False,
-    axis_name: Any = None,
-    unroll: bool | int | None = None,
-    first_order: bool = False,
-    hessian: str = "jvp",
-    remat: bool = False,
-) -> PyTree:
-    r"""``adapt(...).params``: the adapted parameters :math:`\theta_K`, shaped like ``params``.
+def inner_adapt(loss_fn: LossFn, params: PyTree, inner_batch: Any, **adapt_arguments) -> PyTree:
+    r"""``adapt(loss_fn, params, inner_batch, **adapt_arguments).params``: the adapted
+    parameters :math:`\theta_K`, shaped like ``params``.
 
-    Kept for code written before :func:`adapt` (same arguments, and ``hessian`` /
-    ``first_order`` / ``remat`` for its derivative, :func:`adapt`'s defaults): an alias, not a
-    second loop. Its reverse-mode derivative is the backward walk; pass
-    ``hessian="autodiff"`` for forward mode or derivatives with respect to the batch.
+    Kept for code written before :func:`adapt` (the same keyword arguments, the same
+    defaults): an alias, not a second loop. Its reverse-mode derivative is the backward walk;
+    pass ``hessian="autodiff"`` for forward mode or derivatives with respect to the batch.
     """
-    return adapt(
-        loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
-        inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
-        has_aux=has_aux, axis_name=axis_name, first_order=first_order, hessian=hessian, remat=remat,
-        unroll=unroll,
-    ).params
+    return adapt(loss_fn, params, inner_batch, **adapt_arguments).params
 
 
 def hessian_vector_product(
