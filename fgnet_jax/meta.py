@@ -481,12 +481,6 @@ class _InnerLoop:
             return self.converted_loss(theta, batch)
         return _split_output(self.loss_fn(merge_differentiable(theta, self.rest), batch), self.has_aux)
 
-    def loss(self, theta: PyTree, batch: Any) -> jax.Array:
-        return self.loss_and_aux(theta, batch)[0]
-
-    def local_gradient(self, theta: PyTree, batch: Any) -> PyTree:
-        return jax.grad(self.loss)(theta, batch)
-
     def step_map(self, theta, state_diff, gradient, state_rest):
         """:math:`S_k`: ``((theta + u, s'_diff), s'_rest)``; the non-differentiable part of the
         optimiser state (counters) rides along as aux."""
@@ -530,12 +524,12 @@ class _InnerLoop:
 
 
 def _linearized_inner_gradient(loop: _InnerLoop, theta: PyTree, batch: Any, mode: str):
-    """The local inner gradient at ``theta`` and ``u -> H_local u`` (``mode``: "jvp" or "vjp")."""
-    gradient_fn = lambda t: loop.local_gradient(t, batch)
+    """``(local inner gradient at theta, u -> H_local u, the loss's aux)`` (``mode``: "jvp" or "vjp")."""
+    gradient_fn = lambda t: loop.local_gradient_and_aux(t, batch)
     if mode == "jvp":
-        return jax.linearize(gradient_fn, theta)
-    local, pullback = jax.vjp(gradient_fn, theta)
-    return local, jax.tree_util.Partial(_first_of_pullback, pullback)
+        return jax.linearize(gradient_fn, theta, has_aux=True)
+    local, pullback, aux = jax.vjp(gradient_fn, theta, has_aux=True)
+    return local, jax.tree_util.Partial(_first_of_pullback, pullback), aux
 
 
 def _first_of_pullback(pullback, u):
@@ -757,7 +751,7 @@ def hessian_vector_product(
         raise ValueError(f"vector must be shaped like params; got {jax.tree_util.tree_structure(vector)} for "
                          f"{jax.tree_util.tree_structure(params)}")
     loop = _InnerLoop(loss_fn, has_aux, rest, learned_sgd(0.0), 1, batch, False, _DeviceAxis.bind(axis_name))
-    _, hvp = _linearized_inner_gradient(loop, differentiable, batch, mode)
+    _, hvp, _ = _linearized_inner_gradient(loop, differentiable, batch, mode)
     return loop.axis.mean_of_gradients(hvp(vector))
 
 
@@ -911,12 +905,7 @@ def _adapt_with_walk(loop: _InnerLoop, theta, state_diff, state_rest, mode: str 
             local_gradient, aux = inner.local_gradient_and_aux(theta_k, batch)
             hvp = None
         else:
-            gradient_fn = lambda t: inner.local_gradient_and_aux(t, batch)
-            if mode == "jvp":
-                local_gradient, hvp, aux = jax.linearize(gradient_fn, theta_k, has_aux=True)
-            else:
-                local_gradient, pullback, aux = jax.vjp(gradient_fn, theta_k, has_aux=True)
-                hvp = jax.tree_util.Partial(_first_of_pullback, pullback)
+            local_gradient, hvp, aux = _linearized_inner_gradient(inner, theta_k, batch, mode)
         gradient = inner.axis.mean_of_gradients(local_gradient)
         step = lambda t, s, g: inner.step_map(t, s, g, state_rest_k)
         new_carry, step_vjp, new_rest = jax.vjp(step, theta_k, state_diff_k, gradient, has_aux=True)
