@@ -84,6 +84,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     require(0 <= config.optimizer.momentum < 1, f"config.optimizer.momentum={config.optimizer.momentum}: must be in [0, 1)")
     require(config.meta.inner_lr >= 0, f"config.meta.inner_lr={config.meta.inner_lr}: must be >= 0")
     require(config.meta.inner_steps >= 1, f"config.meta.inner_steps={config.meta.inner_steps}: must be >= 1")
+    require(isinstance(config.meta.per_step_batches, bool),
+            f"config.meta.per_step_batches={config.meta.per_step_batches!r}: must be True or False")
     require(config.meta.auxiliary_weight >= 0, f"config.meta.auxiliary_weight={config.meta.auxiliary_weight}: must be >= 0")
     for name in ("target_batch", "auxiliary_batch", "eval_batch"):
         require_batch(name, config[name])

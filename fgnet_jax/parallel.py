@@ -243,7 +243,9 @@ class DataParallel:
 
     def put_batch(self, batch: PyTree) -> PyTree:
         """This process's share of a global batch, numpy ``[local_devices, per_device, ...]``
-        (the input pipeline's layout), as the step takes it."""
+        (the input pipeline's layout), as the step takes it. Only the leading (device) axis is
+        split: a leaf ``[local_devices, K, per_device, ...]`` (per-step inner batches) reaches
+        each device as ``[K, per_device, ...]`` on both paths."""
         if self.kind == "pmap":
             return batch
 

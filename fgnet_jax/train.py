@@ -12,7 +12,8 @@ the gradient of the objective
 
 an ordinary function of :math:`\theta = [\theta_b, \theta_c^t, \theta_c^s]` built on
 :func:`fgnet_jax.meta.adapt` (K inner steps on T_i, plain SGD at :math:`\eta` by default,
-:math:`\eta` following the target head's milestones) and differentiated once by
+:math:`\eta` following the target head's milestones; with ``MetaStepConfig.per_step_batches``
+step k takes its own batch :math:`T_i^{(k)}`) and differentiated once by
 ``jax.value_and_grad``: :math:`\theta_b` gets both terms' gradients, :math:`\theta_c^t` the
 first, :math:`\theta_c^s` the second, and ONE optax update applies the sum. The derivative
 through ``adapt`` is its backward walk (``MetaStepConfig.method``: the Hessian form, or
@@ -139,6 +140,12 @@ class MetaStepConfig:
         rolled or unrolled, ``None``: the backend's default).
       two_updates: the authors' two optimiser updates per iteration (module docstring);
         the optimiser must then be made with ``OptimizerConfig(updates_per_step=2)``.
+      per_step_batches: one inner batch per inner step instead of one T_i for all of them
+        (the paper's). ``batch["inner"]``'s leaves then carry a leading axis of
+        ``inner_steps`` (per device ``[K, per_device_batch, ...]``; the input pipeline's
+        ``meta_train_stream(inner_batches=K)`` yields ``[local_devices, K, per_device_batch,
+        ...]``) and inner step k uses ``[k]`` (:func:`fgnet_jax.meta.adapt`'s
+        ``per_step_batches``).
 
     ``inner_lr`` and ``auxiliary_weight`` may be traced scalars: a config built inside a
     jitted function from its arguments lets one compilation serve every :math:`\\eta` and
@@ -156,6 +163,7 @@ class MetaStepConfig:
     remat: bool = False
     unroll: bool | int | None = None
     two_updates: bool = False
+    per_step_batches: bool = False
 
     def __post_init__(self):
         if self.inner_optimizer not in INNER_OPTIMIZERS:
@@ -294,6 +302,19 @@ def _inner_optimizer(name: str, inner_lr) -> dict:
     return {"inner_optimizer": optax.adam(inner_lr, eps_root=1e-8)}
 
 
+def _check_per_step_batches(inner: PyTree, inner_steps: int) -> None:
+    """One-line ValueError unless every leaf of ``inner`` holds ``inner_steps`` batches on its leading axis."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(inner):
+        shape = tuple(jnp.shape(leaf))
+        if shape[:1] != (inner_steps,):
+            axis = shape[0] if shape else None
+            raise ValueError(
+                f"per_step_batches=True: batch['inner']{jax.tree_util.keystr(path)} has leading axis {axis} "
+                f"(shape {shape}), not inner_steps={inner_steps}: give one inner batch per inner step on that axis "
+                f"(meta_train_stream(inner_batches={inner_steps})) or make inner_steps equal to it"
+            )
+
+
 def metafgnet_gradients(
     model,
     params: PyTree,
@@ -312,13 +333,20 @@ def metafgnet_gradients(
     and the weighted auxiliary gradient ``(g_meta, lambda g_aux)`` (zeros in the other head);
     ``new_batch_stats`` the running statistics after the passes named by
     ``config.batch_stats_from`` (module docstring); metrics averaged over devices.
+    ``batch["inner"]`` is one T_i ``[per_device_batch, ...]``, or with
+    ``config.per_step_batches`` one per inner step ``[inner_steps, per_device_batch, ...]``
+    (a one-line ValueError for another leading axis).
     """
     hessian, first_order = METHOD_OPTIONS[config.method]
     target_loss = target_loss_fn(model, batch_stats)
     auxiliary_loss = auxiliary_loss_fn(model, batch_stats)
+    # Per-step batches: K is the batches' leading axis (adapt takes it from there, not from inner_steps).
+    steps = {"per_step_batches": True} if config.per_step_batches else {"inner_steps": config.inner_steps}
+    if config.per_step_batches:
+        _check_per_step_batches(batch["inner"], config.inner_steps)
 
     def meta_term(target_params):
-        adapted = adapt(target_loss, target_params, batch["inner"], inner_steps=config.inner_steps, has_aux=True,
+        adapted = adapt(target_loss, target_params, batch["inner"], **steps, has_aux=True,
                         axis_name=axis_name, first_order=first_order, hessian=hessian, remat=config.remat,
                         unroll=config.unroll, **_inner_optimizer(config.inner_optimizer, inner_lr)).params
         return target_loss(adapted, batch["outer"])
@@ -454,7 +482,11 @@ def eval_step(
 def parallel_train_step(model, tx, config: MetaStepConfig, parallel: DataParallel) -> Callable:
     """``train_step`` on all devices of ``parallel`` (state donated); the model must use its
     ``axis_name``. Under ``shard_map`` the batch is global ``[B, ...]`` (sharded), under
-    ``pmap`` ``[devices, B / devices, ...]``."""
+    ``pmap`` ``[devices, B / devices, ...]``. Per-step inner batches
+    (``config.per_step_batches``) keep the device axis leading: ``[devices * K, B / devices,
+    ...]`` under ``shard_map`` and ``[devices, K, B / devices, ...]`` under ``pmap``, each
+    device holding ``[K, B / devices, ...]``; :meth:`DataParallel.put_batch` makes either from
+    the pipeline's ``[local_devices, K, per_device_batch, ...]``."""
     return parallel.step(functools.partial(train_step, model=model, tx=tx, config=config,
                                            axis_name=parallel.axis_name))
 

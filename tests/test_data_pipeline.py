@@ -204,6 +204,39 @@ def test_inner_outer_are_consecutive_target_batches_and_s_is_the_auxiliary_strea
         np.testing.assert_array_equal(step["auxiliary"]["label"], aux_batches[k]["label"])
 
 
+def test_per_step_inner_batches_are_the_next_target_batches_and_resume(target, auxiliary):
+    """inner_batches=K: step k's inner batch i is target batch (K + 1) k + i (device axis first,
+    then i), its T_j batch (K + 1) k + K, S still auxiliary batch k; a stream resumed at step k
+    yields the same; K = 1 is the default stream with an inner axis of one."""
+    K, steps = 3, 3  # 8 of the 12 train images per step: steps 1 and 2 cross epoch boundaries
+    stream = list(meta(target, auxiliary, inner_batches=K, num_steps=steps, include_ids=True))
+    common = dict(seed=7, per_device_batch=1, image_size=SIZE, local_devices=2, process_index=0,
+                  process_count=1, include_ids=True)
+    target_batches = list(data.supervised_stream(target.train, stream="target", num_steps=(K + 1) * steps, **common))
+    aux_batches = list(data.auxiliary_stream(auxiliary, num_steps=steps, **common))
+    assert len(stream) == steps
+    for k, step in enumerate(stream):
+        assert step["inner"]["image"].shape == (2, K, 1, SIZE, SIZE, 3) and step["inner"]["label"].shape == (2, K, 1)
+        for i in range(K):
+            expected = target_batches[(K + 1) * k + i]
+            np.testing.assert_array_equal(step["inner"]["image"][:, i], expected["image"])
+            np.testing.assert_array_equal(step["inner"]["label"][:, i], expected["label"])
+            assert ids_of({"id": step["inner"]["id"][:, i]}) == ids_of(expected)
+        np.testing.assert_array_equal(step["outer"]["image"], target_batches[(K + 1) * k + K]["image"])
+        assert ids_of(step["outer"]) == ids_of(target_batches[(K + 1) * k + K])
+        assert ids_of(step["auxiliary"]) == ids_of(aux_batches[k])
+    (resumed,) = meta(target, auxiliary, inner_batches=K, start_step=2, num_steps=1, include_ids=True)
+    for part in ("inner", "outer", "auxiliary"):
+        np.testing.assert_array_equal(resumed[part]["image"], stream[2][part]["image"])
+        assert ids_of(resumed[part]) == ids_of(stream[2][part])
+    (one,) = meta(target, auxiliary, inner_batches=1, num_steps=1)
+    (default,) = meta(target, auxiliary, num_steps=1)
+    np.testing.assert_array_equal(one["inner"]["image"][:, 0], default["inner"]["image"])
+    np.testing.assert_array_equal(one["outer"]["image"], default["outer"]["image"])
+    with pytest.raises(ValueError, match="inner_batches=0: give an int >= 1"):
+        meta(target, auxiliary, inner_batches=0)
+
+
 def test_epochs_cover_the_train_split_and_reshuffle(target):
     # 12 examples, 4 per batch: batches 0-2 are epoch 0, 3-5 epoch 1.
     stream = data.supervised_stream(target.train, seed=1, per_device_batch=2, image_size=SIZE, local_devices=2,

@@ -71,8 +71,18 @@ def meta_batch(seed=0):
 
 
 def device_layout(batch):
-    """The input pipeline's layout: [devices, per_device, ...]."""
-    return jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, PER_DEVICE, *x.shape[1:]), batch)
+    """The input pipeline's layout: [devices, per_device, ...]; per-step inner batches
+    ``[K, devices * per_device, ...]`` become its ``[devices, K, per_device, ...]``."""
+    def layout(x):
+        return x.reshape(NUM_DEVICES, PER_DEVICE, *x.shape[1:])
+
+    def per_step(x):  # [K, B, ...] -> [devices, K, per_device, ...]
+        return np.swapaxes(x.reshape(x.shape[0], NUM_DEVICES, PER_DEVICE, *x.shape[2:]), 0, 1)
+
+    inner = batch.get("inner")
+    per_step_inner = inner is not None and np.ndim(inner["label"]) == 2
+    laid_out = jax.tree_util.tree_map(layout, {k: v for k, v in batch.items() if not (k == "inner" and per_step_inner)})
+    return dict(laid_out, inner=jax.tree_util.tree_map(per_step, inner)) if per_step_inner else laid_out
 
 
 @functools.lru_cache(maxsize=None)
@@ -140,6 +150,30 @@ def test_train_step_on_four_devices_equals_one_device_on_both_paths(method):
     for kind in PARALLELISM:
         assert_same_run(runs[kind], expected, initial)
     assert_same_run(runs["shard_map"], runs["pmap"], initial)
+
+
+@pytest.mark.slow
+def test_per_step_inner_batches_on_four_devices_equal_one_device_on_both_paths():
+    """Per-step inner batches, [devices, K, per_device, ...] as the pipeline yields them: each
+    device takes its K slices, and one MetaFGNet iteration on 4 devices equals one device with
+    the K concatenated inner batches [K, 8, ...], on both paths."""
+    K = 2
+    model, variables = model_and_variables()
+    config = MetaStepConfig(method="first_order", inner_lr=0.05, inner_steps=K, per_step_batches=True)
+    tx = make_optimizer(OPTIMIZER)
+    initial = create_train_state(jax.tree_util.tree_map(jnp.asarray, variables), tx, jax.random.PRNGKey(1))
+    rng = np.random.default_rng(5)
+    inner = [images(rng, 0.1 * k, TARGET_CLASSES) for k in range(K)]
+    batch = dict(meta_batch(5), inner=jax.tree_util.tree_map(lambda *x: np.stack(x), *inner))
+
+    def factory(model, parallel):
+        if parallel is None:
+            return functools.partial(train_step, model=model, tx=tx, config=config)
+        return parallel_train_step(model, tx, config, parallel)
+
+    expected = run_steps(None, factory, initial, [batch])
+    for kind in PARALLELISM:
+        assert_same_run(run_steps(kind, factory, initial, [batch]), expected, initial)
 
 
 @pytest.mark.parametrize("kind", fast_subset(PARALLELISM, fast=["shard_map"]))

@@ -18,11 +18,16 @@ import numpy as np
 import pytest
 
 import tiny_config as tiny_config_lib  # tests/tiny_config.py
+from small_metanet import SmallMetaNet, small_metanet_variables  # tests/small_metanet.py
 from experiments import pipeline, runner
 from experiments.stages import auxiliary_pretrain, finetune, meta_train, start_weights
+from experiments.workdir import claim_workdir
+from fgnet_jax import data as data_lib
 from fgnet_jax import selection as selection_lib
+from fgnet_jax import train as train_lib
 from fgnet_jax.checkpoint import StageCheckpointer
 from fgnet_jax.models import MetaFGNet, init_variables
+from fgnet_jax.parallel import DataParallel
 from fgnet_jax.train import step_decay
 
 AUXILIARY_IMAGES = tiny_config_lib.AUXILIARY_IMAGES
@@ -246,8 +251,63 @@ def test_meta_step_options_reach_the_step_from_the_config(tiny_config):
     assert meta_config.milestones == optimizer.milestones == tuple(config.meta_train_selected.milestones)
 
 
+def test_per_step_batches_reach_the_stream_and_adapt_from_the_config(tiny_config, monkeypatch):
+    """config.meta.per_step_batches (off by default: one T_i): the meta stage's stream then
+    yields inner_steps inner batches per step, and its compiled step hands each device's K of
+    them to adapt as per-step batches, K taken from them (no inner_steps). Traced up to adapt,
+    not compiled."""
+    config = tiny_config()
+    defaults, _ = meta_train.step_configs(config, config.meta_train)
+    assert config.meta.per_step_batches is False and defaults.per_step_batches is False
+    assert meta_train.inner_batches(config) is None
+    config.meta.per_step_batches, config.meta.inner_steps = True, 2
+    pipeline.validate_config(config, 4)
+    source = data_lib.load_auxiliary("image_folder", folder=config.auxiliary.folder)  # any image source serves as T
+    model = SmallMetaNet(tiny_config_lib.TARGET_CLASSES, source.num_classes, dtype=jnp.float32, param_dtype=jnp.float32)
+    ctx = types.SimpleNamespace(config=config, target=types.SimpleNamespace(train=source), num_devices=4,
+                                model=model.clone(axis_name="batch"),
+                                parallel=DataParallel(config.parallelism, "batch"))
+    specs = []
+    unrun = types.SimpleNamespace(params=None, batch_stats=None)
+    monkeypatch.setattr(runner, "run_stage", lambda ctx, spec: (specs.append(spec), (unrun, None))[1])
+    with jax.enable_x64(True):  # as small_metanet_variables asks
+        variables = jax.tree_util.tree_map(np.float32, small_metanet_variables(model, 8))
+    meta_train.run(ctx, "meta_train", variables, source)
+    (spec,) = specs
+    batch = next(spec.stream(0, 1))
+    per_device = config.target_batch // 4
+    assert batch["inner"]["image"].shape == (4, 2, per_device, config.image_size, config.image_size, 3)
+
+    class Reached(Exception):
+        pass
+
+    calls = []
+
+    def spy(loss_fn, params, inner_batch, **kwargs):
+        calls.append((jax.tree_util.tree_map(np.shape, inner_batch), kwargs))
+        raise Reached
+
+    monkeypatch.setattr(train_lib, "adapt", spy)
+    with pytest.raises(Reached):
+        spec.step_fn.lower(ctx.parallel.put_state(spec.initial_state()), ctx.parallel.put_batch(batch))
+    ((shapes, kwargs),) = calls
+    assert kwargs["per_step_batches"] is True and kwargs.get("inner_steps") is None
+    assert shapes == {"image": (2, per_device, config.image_size, config.image_size, 3), "label": (2, per_device)}
+
+
+def test_resuming_with_another_per_step_batches_is_refused(tiny_config, tmp_path):
+    """The workdir's config record covers config.meta.per_step_batches: it changes which target
+    batches each step reads and what the step computes."""
+    config = tiny_config()
+    claim_workdir(str(tmp_path), config, allow_config_change=False)
+    config.meta.per_step_batches = True
+    with pytest.raises(pipeline.UsageError, match=r"differs in meta\.per_step_batches\)"):
+        claim_workdir(str(tmp_path), config, allow_config_change=False)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"meta.inner_optimizer": "rmsprop"}, "config.meta.inner_optimizer='rmsprop': choose one of sgd, momentum, adam"),
+    ({"meta.per_step_batches": None}, "config.meta.per_step_batches=None: must be True or False"),
     ({"init_checkpoint": ""}, 'config.init_checkpoint is empty: set it to a directory written by'),
     ({"init_checkpoint": "/no/such/dir"}, "is not a directory"),
     ({"meta_train.steps": 0}, "config.meta_train_selected.steps=4 needs a selection"),

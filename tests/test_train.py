@@ -29,6 +29,7 @@ from fgnet_jax.train import (
     create_train_state,
     eval_step,
     make_optimizer,
+    metafgnet_gradients,
     pmap_eval_step,
     step_decay,
     supervised_step,
@@ -236,3 +237,44 @@ def test_config_of_traced_rates_compiles_once_and_steps_like_a_constant_config()
     other_state, _ = traced_step(state, batch, 0.3, 2.0)
     assert relative_error(tree_difference(other_state.params, state.params), update) > 1e-3  # the values are used
     assert traced_step._cache_size() == 1
+
+
+def test_per_step_inner_batches_give_each_inner_step_its_own_batch():
+    """per_step_batches=True (float32, as training runs): K copies of one inner batch give the
+    one-batch step's gradients to round-off; K different batches give others, different from
+    either batch alone and from the same batches in the other order (step k takes batch k); a
+    leading axis other than inner_steps is a one-line error."""
+    K = 2
+    model = SmallMetaNet(TARGET_CLASSES, AUXILIARY_CLASSES, stem=4, blocks=((4, 1),), dtype=jnp.float32,
+                         param_dtype=jnp.float32)
+    variables = jax.tree_util.tree_map(np.float32, small_metanet_variables(model, 8))
+    with jax.enable_x64(False):
+
+        def small(batch):  # 8x8 images: the property is the step's, not the network's
+            return jax.tree_util.tree_map(lambda x: x[:, :8, :8] if x.ndim == 4 else x, batch)
+
+        def gradients(per_step_batches):
+            config = MetaStepConfig(inner_lr=0.3, inner_steps=K, per_step_batches=per_step_batches)
+            step = fast_compile_jit(functools.partial(metafgnet_gradients, model, inner_lr=config.inner_lr,
+                                                      config=config))
+            return lambda batch: step(variables["params"], variables["batch_stats"], batch)
+
+        one_batch, per_step = gradients(False), gradients(True)
+        batch, other = small(make_batch(1)), small(make_batch(2))["inner"]
+
+        def stacked(*inner):
+            return dict(batch, inner=jax.tree_util.tree_map(lambda *x: jnp.stack(x), *inner))
+
+        (expected,), _, expected_metrics = one_batch(batch)
+        (same,), _, same_metrics = per_step(stacked(*[batch["inner"]] * K))
+        assert relative_error(same, expected) < 1e-6
+        np.testing.assert_allclose(same_metrics["meta_loss"], expected_metrics["meta_loss"], rtol=1e-6)
+        (distinct,), _, _ = per_step(stacked(batch["inner"], other))
+        (other_only,), _, _ = one_batch(dict(batch, inner=other))
+        assert relative_error(distinct, expected) > 1e-3 and relative_error(distinct, other_only) > 1e-3
+        (swapped,), _, _ = per_step(stacked(other, batch["inner"]))
+        assert relative_error(swapped, distinct) > 1e-3  # in order: not one batch of both
+        with pytest.raises(ValueError) as error:
+            per_step(batch)  # one T_i of 8 examples: leading axis 8, not K = 2
+    message = str(error.value)
+    assert "leading axis 8" in message and "inner_steps=2" in message and "\n" not in message

@@ -119,6 +119,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The authors' two optimiser updates per iteration (meta, then auxiliary gradient; weight
     # decay and momentum act twice): off, one update of the combined gradient (README).
     config.meta.two_updates = False
+    # One target batch per inner step (inner_steps batches T_i^(k), then T_j, per iteration)
+    # instead of the paper's one T_i for all inner steps: off.
+    config.meta.per_step_batches = False
 
     # Stage 2 (MetaFGNet_without_Sample_Selection/run.sh: --epochs 37263 --schedule 12421
     # 24842 --test-freq 6210; ~3 passes over L-Bird at batch 256). Meta stages use

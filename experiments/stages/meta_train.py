@@ -1,7 +1,8 @@
 r"""Stages 2 and 4: MetaFGNet meta-training (``fgnet_jax.train.train_step``).
 
-Every iteration draws T_i and T_j (two consecutive batches of the shuffled target train split)
-and S (an auxiliary batch), and minimises
+Every iteration draws T_i and T_j (two consecutive batches of the shuffled target train split;
+with ``config.meta.per_step_batches`` one T_i per inner step, ``inner_steps + 1`` consecutive
+batches) and S (an auxiliary batch), and minimises
 
 .. math::
 
@@ -66,6 +67,7 @@ def run(ctx: Context, name: str, start_variables: dict, auxiliary_source) -> tup
             per_device_batch=config.target_batch // ctx.num_devices,
             auxiliary_per_device_batch=config.auxiliary_batch // ctx.num_devices,
             image_size=config.image_size, start_step=start, num_steps=num_steps, augmentation=stage.augmentation,
+            inner_batches=inner_batches(config),
         )
 
     spec = runner.StageSpec(
@@ -95,6 +97,7 @@ def step_configs(config, stage) -> tuple[MetaStepConfig, OptimizerConfig]:
         inner_optimizer=config.meta.inner_optimizer,
         remat=config.meta.remat,
         two_updates=config.meta.two_updates,
+        per_step_batches=config.meta.per_step_batches,
     )
     optimizer = OptimizerConfig(
         backbone_lr=config.optimizer.backbone_lr,
@@ -108,6 +111,12 @@ def step_configs(config, stage) -> tuple[MetaStepConfig, OptimizerConfig]:
         updates_per_step=2 if config.meta.two_updates else 1,
     )
     return meta_config, optimizer
+
+
+def inner_batches(config) -> int | None:
+    """The stream's ``inner_batches`` for the config: one per inner step with
+    ``config.meta.per_step_batches`` (what the step then takes), else None (one T_i)."""
+    return config.meta.inner_steps if config.meta.per_step_batches else None
 
 
 def _step(model, optimizer: OptimizerConfig, meta_config: MetaStepConfig, parallel):

@@ -16,7 +16,13 @@ uninterrupted run sees from step ``k``.
 
 Meta-training step ``k`` uses target batches ``2k`` (T_i, "inner") and ``2k + 1`` (T_j,
 "outer") - two consecutive batches of the shuffled target train split - and auxiliary batch ``k``
-(S). The standalone :func:`auxiliary_stream` with the same seed yields the same S batches.
+(S). With one inner batch per inner step (``inner_batches=K``) step ``k`` uses the ``K + 1``
+consecutive target batches from ``(K + 1) k``: batches ``(K + 1) k + i``, ``i < K``, are the
+inner batches (``i`` for inner step ``i``) and batch ``(K + 1) k + K`` is T_j. Either way
+step ``k``'s target batch indices are a function of ``k`` alone, so a run resumed at step
+``k`` reads the same batches as an uninterrupted one (as long as ``K`` is the same). The
+standalone :func:`auxiliary_stream` with the same seed yields the same S batches, and
+:func:`supervised_stream` with ``stream="target"`` the target batch sequence.
 
 Preprocessing (torchvision semantics, ``S`` = image size, 224 by default)
 ---------------------------------------------------------------------------
@@ -39,12 +45,15 @@ the crop window (``decode_and_crop_jpeg``); other formats are decoded whole, the
 
 Batches are numpy arrays shaped ``[local_devices, per_device_batch, ...]``: images float32 NHWC,
 labels int32; eval batches add ``mask`` (False on padding) and ``id`` (bytes, host-only).
+Per-step inner batches are ``[local_devices, K, per_device_batch, ...]`` (the device axis
+stays first, as :meth:`fgnet_jax.parallel.DataParallel.put_batch` needs).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -416,24 +425,37 @@ def meta_train_dataset(
     threads: int | None = None,
     include_ids: bool = False,
     augmentation: str = "random_resized_crop",
+    inner_batches: int | None = None,
 ) -> tf.data.Dataset:
     """The tf.data form of :func:`meta_train_stream` (same arguments, no prefetch)."""
     _check_steps(start_step, num_steps)
+    if inner_batches is not None and (not isinstance(inner_batches, numbers.Integral)
+                                      or isinstance(inner_batches, bool) or inner_batches < 1):
+        raise ValueError(f"inner_batches={inner_batches!r}: give an int >= 1 (one inner batch per inner step), "
+                         "or None for one T_i per step")
+    group = 2 if inner_batches is None else inner_batches + 1  # target batches per meta step
     target_layout = default_layout(per_device_batch, local_devices, process_index, process_count)
     aux_layout = dataclasses.replace(target_layout, per_device_batch=auxiliary_per_device_batch or per_device_batch)
     target_ds = _shuffled_dataset(
-        target, "target", seed, target_layout, image_size, 2 * start_step,
-        None if num_steps is None else 2 * num_steps, num_parallel_calls, threads, include_ids, augmentation,
+        target, "target", seed, target_layout, image_size, group * start_step,
+        None if num_steps is None else group * num_steps, num_parallel_calls, threads, include_ids, augmentation,
     )
     aux_ds = _shuffled_dataset(
         auxiliary, "auxiliary", seed, aux_layout, image_size, start_step, num_steps, num_parallel_calls, threads,
         include_ids, augmentation,
     )
-    pairs = target_ds.batch(2, drop_remainder=True)  # (T_i, T_j) = target batches (2k, 2k + 1)
-    return tf.data.Dataset.zip(pairs, aux_ds).map(_graph_as_written(
-        lambda pair, aux: {
-            "inner": {k: v[0] for k, v in pair.items()},
-            "outer": {k: v[1] for k, v in pair.items()},
+
+    def inner(v):
+        if inner_batches is None:
+            return v[0]
+        # [K, local_devices, ...] -> [local_devices, K, ...]: the device axis stays leading.
+        return tf.transpose(v[:inner_batches], [1, 0, *range(2, v.shape.rank)])
+
+    groups = target_ds.batch(group, drop_remainder=True)  # step k: target batches [group k, group (k + 1))
+    return tf.data.Dataset.zip(groups, aux_ds).map(_graph_as_written(
+        lambda targets, aux: {
+            "inner": {k: inner(v) for k, v in targets.items()},
+            "outer": {k: v[group - 1] for k, v in targets.items()},
             "auxiliary": aux,
         }
     ))
@@ -444,7 +466,8 @@ def meta_train_stream(target: ImageSource, auxiliary: ImageSource, *, prefetch: 
 
     Args:
       target: the target train source (validation excluded); T_i, T_j are its consecutive
-        shuffled batches ``2k`` and ``2k + 1`` at step ``k``.
+        shuffled batches ``2k`` and ``2k + 1`` at step ``k`` (with ``inner_batches``: module
+        docstring).
       auxiliary: the auxiliary source S (e.g. ``source.select(selected_ids)``).
       seed: stream seed; the stream is a pure function of (seed, step).
       per_device_batch: T_i / T_j batch per device; ``auxiliary_per_device_batch`` (default
@@ -456,6 +479,10 @@ def meta_train_stream(target: ImageSource, auxiliary: ImageSource, *, prefetch: 
       include_ids: also yield each batch's example ids (``'id'``, bytes; keep them off devices).
       augmentation: the training crop, one of :data:`AUGMENTATIONS` (module docstring), for
         target and auxiliary images alike.
+      inner_batches: ``None`` (default, the paper's): one T_i per step. ``K``: one inner batch
+        per inner step (``MetaStepConfig.per_step_batches`` with ``inner_steps=K``), K
+        consecutive target batches before T_j, stacked on a new axis 1: ``'inner'`` leaves are
+        ``[local_devices, K, per_device_batch, ...]``.
 
     Yields:
       dicts of numpy arrays: images float32 [local_devices, per_device_batch, S, S, 3],
@@ -487,7 +514,8 @@ def supervised_stream(
     Used for the final target fine-tuning stage (``stream="supervised"``) and, through
     :func:`auxiliary_stream`, for auxiliary-only training. Same determinism as the meta stream;
     ``stream`` names the independent random stream (``"target"`` reproduces the meta stream's
-    target batch sequence, T_i/T_j at step k being its batches 2k and 2k + 1). Arguments as in
+    target batch sequence, T_i/T_j at step k being its batches 2k and 2k + 1, or (K + 1) k + i
+    and (K + 1) k + K with ``inner_batches=K``). Arguments as in
     :func:`meta_train_stream`.
     """
     _check_steps(start_step, num_steps)
