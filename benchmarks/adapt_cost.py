@@ -11,6 +11,8 @@ BatchNorm in training mode, T_i and T_j of ``--batch`` images, K = 1, eta = 0.01
   ``--baseline_commit`` (read with ``git show``: the implementation before ``adapt``, the
   fastest exact method there);
 - ``meta_value_and_grad``: the same call today (its default, ``hvp_jvp``, built on ``adapt``);
+- ``meta_value_and_grad, rate too``: the same with the inner rate's gradient as well
+  (``wrt=("params", "inner_lr")``);
 - ``adapt``: ``jax.value_and_grad`` of ``L(adapt(theta).params; T_j)`` written by the user on
   ``adapt`` (the default ``hessian="jvp"``), the same objective;
 - ``adapt, two query sets``: a user objective that is not the inner loss at theta_K,
@@ -40,6 +42,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from benchmarks.meta_results import loss_and_grads  # noqa: E402
 from benchmarks.timing import compile_timed, median_seconds  # noqa: E402
 from fgnet_jax.meta import adapt, meta_value_and_grad  # noqa: E402
 from fgnet_jax.models import MetaFGNet, init_variables  # noqa: E402
@@ -100,15 +103,17 @@ def main() -> None:
                                                           method="hvp_jvp", has_aux=True),
         "meta_value_and_grad": lambda p, b: meta_value_and_grad(loss_fn, p, b["inner"], b["outer"], inner_lr=0.01,
                                                                 has_aux=True),
+        "meta_value_and_grad, rate too": lambda p, b: meta_value_and_grad(
+            loss_fn, p, b["inner"], b["outer"], inner_lr=0.01, has_aux=True, wrt=("params", "inner_lr")),
         "adapt": lambda p, b: jax.value_and_grad(user_objective, has_aux=True)(p, b),
         "adapt, two query sets": lambda p, b: jax.value_and_grad(two_query_sets)(p, b),
     }
     compiled, compile_seconds = {}, {}
     for name, fn in rows.items():
         compiled[name], compile_seconds[name] = compile_timed(fn, (params, batch))
-    reference = compiled["before"](params, batch)[1]
-    for name in ("meta_value_and_grad", "adapt"):  # the same gradient, to round-off
-        grads = compiled[name](params, batch)[1]
+    reference = loss_and_grads(compiled["before"](params, batch))[1]
+    for name in ("meta_value_and_grad", "meta_value_and_grad, rate too", "adapt"):  # the same gradient
+        grads = loss_and_grads(compiled[name](params, batch))[1]
         difference = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree_util.tree_leaves(grads),
                                                                          jax.tree_util.tree_leaves(reference)))
         print(f"{name}: largest difference from before's gradient {difference:.2e}")

@@ -2,7 +2,7 @@
 
     python -m benchmarks.inner_loop [--model mlp|cnn|resnet] [--steps 1 2 4 8 16 32]
                                     [--methods exact hvp_vjp hvp_jvp first_order] [--remat off on]
-                                    [--unroll rolled unrolled] [--optimizer sgd|momentum|adam]
+                                    [--unroll rolled unrolled default] [--optimizer sgd|momentum|adam]
                                     [--repeats 5] [--json FILE]
 
 Each row: one ``jax.jit`` of ``meta_value_and_grad`` with K inner steps (a batch per step),
@@ -15,10 +15,12 @@ the shape of the issue's measurement: parameters dominate what each step keeps),
 MetaFGNet target loss, ResNet-10, 32 px, batch 16, BatchNorm in training mode).
 
 ``--unroll``: ``rolled`` is ``lax.scan`` with one loop body (``unroll=False``), ``unrolled``
-unrolls it (``unroll=True``, the CPU default). The script only uses arguments that
+unrolls it (``unroll=True``), ``default`` leaves ``unroll=None`` (unrolled where the program
+runs on a CPU, rolled elsewhere; ``benchmarks/platform_loop.py`` measures what it costs). The script only uses arguments that
 ``meta_value_and_grad`` has, so the same command runs on an older checkout (a Python loop over
 the steps; rows it cannot run are skipped, and its rows say ``python loop``) for a
-before/after comparison.
+before/after comparison; every version's program returns ``(loss, grads)`` alone, so that
+outputs the newer API adds (the gradient with respect to the inner rule) do not count.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
+from benchmarks.meta_results import loss_and_grads  # noqa: E402
 from benchmarks.timing import compile_timed, median_seconds  # noqa: E402
 from fgnet_jax.meta import meta_value_and_grad  # noqa: E402
 
@@ -120,7 +123,7 @@ OPTIMIZERS = {
 }
 
 
-UNROLL = {"rolled": False, "unrolled": True}
+UNROLL = {"rolled": False, "unrolled": True, "default": None}
 
 
 def run(model: str, steps_list, methods, remat_modes, unroll_modes, optimizer: str, repeats: int) -> list[dict]:
@@ -134,11 +137,15 @@ def run(model: str, steps_list, methods, remat_modes, unroll_modes, optimizer: s
         for method, remat, loop in itertools.product(methods, remat_modes, loops):
             if remat and "remat" not in SUPPORTED:
                 continue
-            kwargs = {"method": method, "inner_steps": steps}
+            kwargs = {"method": method}
             if loop in UNROLL:
                 kwargs["unroll"] = UNROLL[loop]
+            # K: from the batches' leading axis where per-step batches exist (every such version
+            # infers it; the current one refuses inner_steps as well), else given.
             if "per_step_batches" in SUPPORTED:
                 kwargs["per_step_batches"] = True
+            else:
+                kwargs["inner_steps"] = steps
             if optimizer == "sgd":
                 kwargs["inner_lr"] = 0.01
             elif "inner_optimizer" in SUPPORTED:
@@ -147,7 +154,7 @@ def run(model: str, steps_list, methods, remat_modes, unroll_modes, optimizer: s
                 continue
             if remat:
                 kwargs["remat"] = True
-            fn = lambda p, i, o, kwargs=kwargs: meta_value_and_grad(loss_fn, p, i, o, **kwargs)
+            fn = lambda p, i, o, kwargs=kwargs: loss_and_grads(meta_value_and_grad(loss_fn, p, i, o, **kwargs))
             compiled, compile_seconds = compile_timed(fn, (params, inner, outer))
             memory = compiled.memory_analysis()
             seconds = median_seconds(compiled, (params, inner, outer), repeats) if repeats else float("nan")

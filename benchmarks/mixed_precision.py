@@ -113,7 +113,7 @@ def meta_gradients(depth, image_size, batch, seed, methods, workdir=None, stage=
         params, stats = cast(select(variables["params"], TARGET_KEYS)), cast(variables["batch_stats"])
         loss_fn = target_loss_fn(model, stats)
         step = jax.jit(lambda p, i, o, method: meta_value_and_grad(loss_fn, p, i, o, inner_lr=0.01, method=method,
-                                                                    has_aux=True)[1], static_argnums=3)
+                                                                    has_aux=True).grads, static_argnums=3)
         results[precision] = {method: flat(step(params, inner, outer, method)) for method in methods}
     return results
 

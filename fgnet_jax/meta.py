@@ -58,11 +58,14 @@ and ``hessian`` picks how :math:`H_k u` is formed:
     no walk: ``jax.grad`` through the inner loop itself (reverse-over-reverse).
 
 :func:`meta_value_and_grad` is the convenience for the most common objective,
-:math:`L(\theta_K; T_j)`, built on :func:`adapt`; its ``method`` names one combination of the
-two options (:data:`METHOD_OPTIONS`): ``"hvp_jvp"`` (default) = ``hessian="jvp"``,
-``"hvp_vjp"`` = ``"vjp"``, ``"exact"`` = ``"autodiff"``, ``"first_order"`` =
-``first_order=True``. All four return the same meta-gradient up to round-off (first-order
-aside); time and memory differ (:func:`adapt`'s docstring has the measurements).
+:math:`L(\theta_K; T_j)`, built on :func:`adapt`; it returns one structure,
+:class:`MetaGradient` ``(loss, grads, hyper_grads, aux)``, the gradients with respect to
+``params`` and, with ``wrt``, to the inner rule's input (the rates ``inner_lr``, or the
+optimiser's initial state). Its ``method`` names one combination of the two options
+(:data:`METHOD_OPTIONS`): ``"hvp_jvp"`` (default) = ``hessian="jvp"``, ``"hvp_vjp"`` =
+``"vjp"``, ``"exact"`` = ``"autodiff"``, ``"first_order"`` = ``first_order=True``. All four
+return the same meta-gradient up to round-off (first-order aside); time and memory differ
+(:func:`adapt`'s docstring has the measurements).
 
 Long inner loops. The inner steps run in ``lax.scan``: with a rolled loop
 (``unroll=False``) the compiled program, and so compile time, does not grow with :math:`K`.
@@ -76,12 +79,19 @@ accumulate), for about one extra inner gradient per step. That holds only in a r
 measured, the same memory with and without remat), so ``remat=True`` rolls the loop by
 default on every backend and refuses ``unroll=True``.
 
-Without remat, ``unroll=None`` (the default) rolls the loop on GPUs and TPUs and unrolls it on the CPU
-backend, because XLA:CPU rewrites convolutions into the layout of its fast (Eigen) kernels
-only in a program's entry computation: inside a loop, a convolution's weight gradient runs
-on a naive code path (measured 17x slower for a two-step meta-gradient of a small CNN,
-``benchmarks/NOTES.md``). Pass ``unroll=False`` on a CPU for flat compile time (models
-without convolutions lose nothing), or ``True`` elsewhere.
+Without remat, ``unroll=None`` (the default) unrolls the loop where the program runs on a
+CPU and keeps it rolled on GPUs and TPUs, because XLA:CPU rewrites convolutions into the
+layout of its fast (Eigen) kernels only in a program's entry computation: inside a loop, a
+convolution's weight gradient runs on a naive code path (measured 17x slower for a two-step
+meta-gradient of a small CNN, ``benchmarks/NOTES.md``). The platform is the one the program
+is lowered for (``lax.platform_dependent``), not the default backend at trace time, so a
+program exported or placed elsewhere gets its platform's loop; the price is that both loops
+are traced (only one is compiled). On the CPU, for K = 4 with the default method, tracing took
+0.17 s instead of 0.09 s (a small CNN) and 2.2 s instead of 1.1 s (a ResNet-10), while
+compilation, run time and memory were those of ``unroll=True`` (medians of 3 interleaved
+rounds, 2-core Xeon, ``benchmarks/results/cpu_platform_loop.json``). Pass ``unroll=False`` on
+a CPU for flat compile time (models without convolutions lose nothing), or ``True``
+elsewhere; either traces the loop once.
 
 Leaves. Only inexact arrays (floating or complex ``jax.Array``/``numpy`` arrays) are
 differentiated and updated by the inner loop. Every other leaf (integers, booleans, Python
@@ -112,6 +122,7 @@ arrays are global and so is every quantity above.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 from typing import Any, Callable, NamedTuple
 
@@ -127,6 +138,8 @@ __all__ = [
     "METHOD_OPTIONS",
     "Adaptation",
     "adapt",
+    "MetaGradient",
+    "WRT",
     "meta_value_and_grad",
     "inner_adapt",
     "hessian_vector_product",
@@ -199,8 +212,12 @@ def learned_sgd(rates: Any, *, per_step: bool = False) -> optax.GradientTransfor
     r"""SGD whose rates live in the optimiser state: :math:`u_k = -\alpha_k \odot g_k`.
 
     Because the rates are state, ``meta_value_and_grad(..., inner_optimizer=learned_sgd(rates),
-    return_opt_state_grad=True)`` returns their meta-gradient (Meta-SGD, MAML++'s per-step
-    rates) in ``opt_state_grads.rates``.
+    wrt=("params", "inner_opt_state"))`` returns their meta-gradient (Meta-SGD, MAML++'s
+    per-step rates) in ``hyper_grads.rates``
+    (inside ``optax.chain``, in that transformation's entry of the chain's state tuple), and
+    ``jax.grad`` of an objective on :func:`adapt` differentiates ``rates`` passed in this way.
+    Plain ``inner_lr`` rates are differentiable as well; this form puts them in a chain or
+    gives every step its own.
 
     Args:
       rates: a scalar (one rate), or a pytree shaped like the differentiated parameters whose
@@ -259,16 +276,31 @@ def _check_inner_steps(inner_steps: Any) -> None:
         raise ValueError(f"inner_steps must be >= 1, got {inner_steps}")
 
 
+def _check_rule(inner_lr: Any, inner_optimizer: Any, inner_opt_state: Any) -> None:
+    if (inner_lr is None) == (inner_optimizer is None):
+        raise ValueError("give exactly one of inner_lr (plain SGD rates) and inner_optimizer (an optax "
+                         "GradientTransformation)")
+    if inner_optimizer is None and inner_opt_state is not None:
+        raise ValueError("inner_opt_state needs inner_optimizer; for learned rates use "
+                         "inner_optimizer=learned_sgd(rates)")
+    if inner_optimizer is not None and not isinstance(inner_optimizer, optax.GradientTransformation):
+        raise ValueError(f"inner_optimizer must be an optax GradientTransformation, got {_describe(inner_optimizer)}")
+
+
 def _resolve_inner_steps(inner_steps: int | None, inner_batch: Any, per_step_batches: bool) -> int:
-    """K: given, or the leading axis of the per-step inner batches (which must agree)."""
-    if inner_steps is not None:
-        _check_inner_steps(inner_steps)
+    """K: ``inner_steps`` (default 1), or the leading axis of the per-step inner batches."""
     if not per_step_batches:
-        return 1 if inner_steps is None else inner_steps
+        if inner_steps is None:
+            return 1
+        _check_inner_steps(inner_steps)
+        return inner_steps
+    if inner_steps is not None:
+        raise ValueError(f"per_step_batches=True takes K from inner_batch's leading axis; drop inner_steps="
+                         f"{inner_steps!r} (K is given once)")
     leaves = jax.tree_util.tree_leaves_with_path(inner_batch)
     if not leaves or np.ndim(leaves[0][1]) == 0:
         raise ValueError("per_step_batches=True needs inner_batch leaves with a leading axis K (one batch per step)")
-    steps = int(np.shape(leaves[0][1])[0]) if inner_steps is None else inner_steps
+    steps = int(np.shape(leaves[0][1])[0])
     for path, leaf in leaves:
         if np.shape(leaf)[:1] != (steps,):
             raise ValueError(
@@ -470,7 +502,9 @@ class _InnerLoop:
     inner_batch: Any
     per_step_batches: bool
     axis: _DeviceAxis
-    unroll: bool | int = 1  # lax.scan's: 1 keeps the loop rolled, True unrolls it fully
+    # lax.scan's: 1 keeps the loop rolled, True unrolls it fully, None unrolls it where the
+    # program runs on a CPU and keeps it rolled elsewhere (lax.platform_dependent).
+    unroll: bool | int | None = 1
     # adapt's backward walk: the loss and the step map closure-converted (their closed-over
     # arrays passed in explicitly), used in place of loss_fn and optimizer when given.
     converted_loss: Callable | None = None
@@ -500,8 +534,28 @@ class _InnerLoop:
             first = jax.tree_util.tree_map(lambda x: x[0], xs)
             carry, ys = body(carry, self._with_batch(first))
             return carry, jax.tree_util.tree_map(lambda y: y[None], ys)
-        return lax.scan(lambda c, x: body(c, self._with_batch(x)), carry, xs, length=self.steps, reverse=reverse,
-                        unroll=self.unroll)
+        def loop(unroll, carry, xs):
+            return lax.scan(lambda c, x: body(c, self._with_batch(x)), carry, xs, length=self.steps,
+                            reverse=reverse, unroll=unroll)
+
+        if self.unroll is None:
+            # Decided when the program is lowered for the platform it runs on, not from the
+            # default backend at trace time: both forms are traced, one is compiled. The
+            # branches return leaves only, because the walk's records (linearised functions)
+            # carry each trace's own jaxpr as pytree metadata, which differs between the two
+            # traces of the same body although their arrays match; the first trace's
+            # structure is used for both.
+            structures = []
+
+            def flat_loop(unroll, carry, xs):
+                leaves, structure = jax.tree_util.tree_flatten(loop(unroll, carry, xs))
+                structures.append(structure)
+                return leaves
+
+            leaves = lax.platform_dependent(carry, xs, cpu=functools.partial(flat_loop, True),
+                                            default=functools.partial(flat_loop, 1))
+            return jax.tree_util.tree_unflatten(structures[0], leaves)
+        return loop(self.unroll, carry, xs)
 
     def _with_batch(self, x):
         batch, extra = x
@@ -549,7 +603,7 @@ def _resolve_unroll(unroll: bool | int | None, remat: bool = False) -> bool | in
         if unroll is None:
             return 1
     if unroll is None:
-        return True if jax.default_backend() == "cpu" else 1
+        return None  # by platform, at lowering (_InnerLoop.scan)
     if unroll is False:
         return 1
     if isinstance(unroll, bool) or (isinstance(unroll, numbers.Integral) and unroll >= 1):
@@ -562,16 +616,9 @@ def _build_loop(loss_fn, params, inner_batch, *, inner_lr, inner_optimizer, inne
     """The inner loop of one call, the differentiable leaves and the optimiser's initial state."""
     differentiable, rest = split_differentiable(params)
     steps = _resolve_inner_steps(inner_steps, inner_batch, per_step_batches)
-    if (inner_lr is None) == (inner_optimizer is None):
-        raise ValueError("give exactly one of inner_lr (plain SGD rates) and inner_optimizer (an optax "
-                         "GradientTransformation)")
+    _check_rule(inner_lr, inner_optimizer, inner_opt_state)
     if inner_optimizer is None:
-        if inner_opt_state is not None:
-            raise ValueError("inner_opt_state needs inner_optimizer; for learned rates use "
-                             "inner_optimizer=learned_sgd(rates)")
         inner_optimizer = learned_sgd(_rates_on_differentiable(inner_lr, params, differentiable, steps, False))
-    elif not isinstance(inner_optimizer, optax.GradientTransformation):
-        raise ValueError(f"inner_optimizer must be an optax GradientTransformation, got {_describe(inner_optimizer)}")
     state = inner_optimizer.init(differentiable) if inner_opt_state is None else inner_opt_state
 
     def fit_learned_rates(node):
@@ -755,6 +802,19 @@ def hessian_vector_product(
     return loop.axis.mean_of_gradients(hvp(vector))
 
 
+class MetaGradient(NamedTuple):
+    """What :func:`meta_value_and_grad` returns (always this structure)."""
+
+    loss: jax.Array  # L(theta_K; T_j), averaged over axis_name
+    grads: PyTree  # its gradient with respect to params (None at non-differentiable leaves)
+    hyper_grads: PyTree  # ... with respect to inner_lr or the inner optimiser's initial state (if in wrt), else None
+    aux: Any  # loss_fn's aux at theta_K on outer_batch (has_aux=True), else None
+
+
+# What meta_value_and_grad can differentiate with respect to (its ``wrt``).
+WRT = ("params", "inner_lr", "inner_opt_state")
+
+
 def meta_value_and_grad(
     loss_fn: LossFn,
     params: PyTree,
@@ -771,9 +831,16 @@ def meta_value_and_grad(
     axis_name: Any = None,
     remat: bool = False,
     unroll: bool | int | None = None,
-    return_opt_state_grad: bool = False,
-):
-    r"""Outer loss at the adapted parameters and its gradient with respect to ``params``.
+    wrt: str | tuple[str, ...] = "params",
+) -> MetaGradient:
+    r"""The outer loss at the adapted parameters, :math:`L(\theta_K; T_j)`, and its gradients.
+
+    A convenience over :func:`adapt` for the most common objective: the same as
+    ``jax.value_and_grad`` of ``lambda params, hyper: loss_fn(adapt(loss_fn, params,
+    inner_batch, ...).params, outer_batch)`` with respect to the inputs named in ``wrt``
+    (``params`` and/or the inner rule's input ``hyper``: ``inner_lr``, or the optimiser's
+    initial state), averaged over ``axis_name``. Any other outer objective: build it on
+    :func:`adapt`.
 
     Args:
       loss_fn: ``loss_fn(params, batch) -> loss`` (a scalar mean over the batch), or
@@ -789,17 +856,20 @@ def meta_value_and_grad(
         the parameters' shapes (Meta-SGD; for ``params`` that are one array, an array rate
         broadcasting to it). Exclusive with ``inner_optimizer``.
       inner_optimizer: the inner update rule, any optax ``GradientTransformation`` (momentum
-        SGD, Adam, :func:`learned_sgd` for learned per-parameter or per-step rates, ...). It
-        sees the differentiable leaves only (``None`` elsewhere).
+        SGD, Adam, :func:`learned_sgd` for learned per-parameter or per-step rates, inside
+        ``optax.chain`` or not, ``optax.inject_hyperparams``, ...). It sees the
+        differentiable leaves only (``None`` elsewhere).
       inner_opt_state: its initial state :math:`s_0`; default
         ``inner_optimizer.init(differentiable leaves of params)``.
       method: one of :data:`METHODS` (default ``"hvp_jvp"``, the fastest exact one measured):
         a combination of :func:`adapt`'s ``hessian`` and ``first_order``, see the module
         docstring and :data:`METHOD_OPTIONS`.
-      inner_steps: :math:`K \ge 1`; default 1, or the leading axis of per-step batches.
+      inner_steps: :math:`K \ge 1` (default 1) when one batch serves every step. With
+        ``per_step_batches=True``, K is the batches' leading axis, and ``inner_steps`` is not
+        given (a one-line error: K would be said twice).
       per_step_batches: see ``inner_batch``.
-      has_aux: ``loss_fn`` returns ``(loss, aux)``; the inner steps' aux is dropped, the
-        outer step's aux (evaluated at :math:`\theta_K` on ``outer_batch``) is returned.
+      has_aux: ``loss_fn`` returns ``(loss, aux)``; the outer step's aux is returned. (The
+        inner steps' aux is :func:`adapt`'s.)
       axis_name: the data-parallel axis (inside ``pmap``, ``shard_map`` or ``vmap``); inner
         gradients, the returned loss and the returned gradients are averaged over it, so N
         devices give the result of one device with the concatenated batch.
@@ -808,50 +878,82 @@ def meta_value_and_grad(
         gradient per step; the loop is then rolled, see ``unroll``).
       unroll: ``False`` keeps the loop over inner steps rolled (compile time flat in
         :math:`K`), ``True`` unrolls it, an int unrolls that many steps per iteration;
-        ``None``: rolled with ``remat``, otherwise unrolled on the CPU backend and rolled
-        elsewhere (module docstring).
-      return_opt_state_grad: also return the gradient with respect to ``inner_opt_state``
-        (learned rates with :func:`learned_sgd`, or hyperparameters injected with
-        ``optax.inject_hyperparams``). With ``inner_lr`` the state is ``learned_sgd(inner_lr)``'s,
-        so ``opt_state_grads.rates`` is the gradient with respect to ``inner_lr``.
+        ``None``: rolled with ``remat``, otherwise unrolled where the program runs on a CPU
+        and rolled elsewhere (module docstring).
+      wrt: the inputs to differentiate, by name (as ``jax.grad``'s ``argnums`` by position):
+        one or more of :data:`WRT`: ``"params"`` (default), ``"inner_lr"`` (the SGD rates:
+        Meta-SGD) or ``"inner_opt_state"`` (the optimiser's initial state: learned rates of
+        :func:`learned_sgd`, hyperparameters of ``optax.inject_hyperparams``). The return
+        structure does not depend on it: a gradient not asked for is ``None``. Asking for the
+        rule's input costs a pass over the parameters per inner step (the rates' gradient
+        :math:`-\sum_k \bar\theta_{k+1} \odot g_k`): 1.095x the time of a ResNet-10
+        meta-gradient at 32 px, batch 8 (2-core CPU,
+        ``benchmarks/results/cpu_adapt_cost_r10_32px_b8.json``).
 
     Returns:
-      ``(outer_loss, grads)``, or ``((outer_loss, aux), grads)`` with ``has_aux``; ``grads``
-      has the structure of ``params`` with ``None`` at non-differentiable leaves. With
-      ``return_opt_state_grad``, ``grads`` is ``(param_grads, opt_state_grads)``, the latter
-      shaped like the optimiser state (``None`` at integer leaves such as step counters).
+      :class:`MetaGradient` ``(loss, grads, hyper_grads, aux)``, always: ``grads`` (with
+      ``"params"`` in ``wrt``, else ``None``) has the structure of ``params`` (``None`` at
+      non-differentiable leaves); ``hyper_grads`` (with ``"inner_lr"`` or
+      ``"inner_opt_state"`` in ``wrt``, else ``None``) is the gradient with respect to
+      ``inner_lr``, shaped like it (a Python float rate counts as a scalar array), or to the
+      inner optimiser's initial state, shaped like it (``None`` at integer leaves such as
+      step counters); ``aux`` is ``None`` without ``has_aux``.
 
     Raises:
-      ValueError: an unknown ``method``; ``inner_steps`` not an int >= 1; rates that do not
-        fit ``params``; per-step batches without the leading axis K; ``has_aux`` not matching
-        what ``loss_fn`` returns, or a non-scalar loss; ``axis_name`` not bound.
+      ValueError: an unknown ``method``; ``wrt`` naming an unknown input, or the rule's
+        input that was not given (``inner_lr`` without it); ``inner_steps`` not an int >= 1, or given with
+        ``per_step_batches``; rates that do not fit ``params``; per-step batches without the
+        leading axis K; ``has_aux`` not matching what ``loss_fn`` returns, or a non-scalar
+        loss; ``axis_name`` not bound.
     """
     _check_method(method)
-    loop, theta, state = _build_loop(
-        loss_fn, params, inner_batch, inner_lr=inner_lr, inner_optimizer=inner_optimizer,
-        inner_opt_state=inner_opt_state, inner_steps=inner_steps, per_step_batches=per_step_batches,
-        has_aux=has_aux, axis_name=axis_name, unroll=unroll, remat=remat,
-    )
-    state_diff, state_rest = split_differentiable(state)
+    _check_rule(inner_lr, inner_optimizer, inner_opt_state)
+    _resolve_inner_steps(inner_steps, inner_batch, per_step_batches)  # errors before tracing: one line, no JAX note
+    by_params, by_hyper = _check_wrt(wrt, inner_optimizer)
     hessian, first_order = METHOD_OPTIONS[method]
+    differentiable, rest = split_differentiable(params)
+    if inner_optimizer is None:
+        hyper = inner_lr
+        if by_hyper:  # Python floats as arrays, so that they are differentiated like array rates
+            hyper = jax.tree_util.tree_map(lambda r: jnp.asarray(r) if isinstance(r, (float, complex)) else r, hyper)
+        rule = lambda hyper: {"inner_lr": hyper}
+    else:
+        hyper = inner_optimizer.init(differentiable) if inner_opt_state is None else inner_opt_state
+        rule = lambda hyper: {"inner_optimizer": inner_optimizer, "inner_opt_state": hyper}
+    hyper_diff, hyper_rest = split_differentiable(hyper)
 
-    def outer_objective(theta, state_diff):
-        adaptation = adapt(
-            loss_fn, merge_differentiable(theta, loop.rest), inner_batch, inner_optimizer=loop.optimizer,
-            inner_opt_state=merge_differentiable(state_diff, state_rest), inner_steps=loop.steps,
+    def outer_objective(theta, hyper_diff):
+        adapted = adapt(
+            loss_fn, merge_differentiable(theta, rest), inner_batch, inner_steps=inner_steps,
             per_step_batches=per_step_batches, has_aux=has_aux, axis_name=axis_name, first_order=first_order,
-            hessian=hessian, remat=remat, unroll=unroll,
-        )
-        return loop.loss_and_aux(split_differentiable(adaptation.params)[0], outer_batch)
+            hessian=hessian, remat=remat, unroll=unroll, **rule(merge_differentiable(hyper_diff, hyper_rest)),
+        ).params
+        return _split_output(loss_fn(adapted, outer_batch), has_aux)
 
-    (loss, aux), (theta_bar, state_bar) = jax.value_and_grad(outer_objective, argnums=(0, 1), has_aux=True)(
-        theta, state_diff)
+    # Only the asked-for inputs are differentiated: the others stay constants, so XLA neither
+    # computes their gradient nor keeps, e.g., a rate from being folded into the update.
+    argnums = tuple(index for index, asked in enumerate((by_params, by_hyper)) if asked)
+    (loss, aux), gradients = jax.value_and_grad(outer_objective, argnums=argnums, has_aux=True)(
+        differentiable, hyper_diff)
+    gradients = dict(zip(argnums, gradients))
     # Per-device gradients of per-device outer losses: their mean over the devices (the walk's
     # share is already global, and stays as it is).
-    theta_bar, state_bar = loop.axis.mean_of_gradients((theta_bar, state_bar))
-    grads = (theta_bar, state_bar) if return_opt_state_grad else theta_bar
-    loss = loop.axis.mean_of_losses(loss)
-    return ((loss, aux), grads) if has_aux else (loss, grads)
+    axis = _DeviceAxis.bind(axis_name)
+    grads, hyper_grads = axis.mean_of_gradients((gradients.get(0), gradients.get(1)))
+    return MetaGradient(axis.mean_of_losses(loss), grads, hyper_grads, aux if has_aux else None)
+
+
+def _check_wrt(wrt: Any, inner_optimizer: Any) -> tuple[bool, bool]:
+    """``(differentiate params, differentiate the rule's input)`` for ``wrt``, checked."""
+    names = (wrt,) if isinstance(wrt, str) else wrt
+    if not isinstance(names, (tuple, list)) or not names or any(name not in WRT for name in names):
+        raise ValueError(f"wrt={wrt!r}: name one or more of {', '.join(map(repr, WRT))}")
+    rule_input = "inner_lr" if inner_optimizer is None else "inner_opt_state"
+    other = "inner_opt_state" if inner_optimizer is None else "inner_lr"
+    if other in names:
+        raise ValueError(f"wrt names {other!r}, but the inner rule's input is {rule_input!r} (inner_"
+                         f"{'lr' if inner_optimizer is None else 'optimizer'} was given): differentiate {rule_input!r}")
+    return "params" in names, rule_input in names
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,8 +10,9 @@ minimises
     L\big(T_j;\ \theta^t - \eta \nabla_{\theta^t} L(T_i; \theta^t)\big)
     + \lambda\, L(S;\ \theta_b, \theta_c^s),
 
-the first term through :func:`fgnet_jax.meta.meta_value_and_grad`, the second (the
-auxiliary regulariser, weight :math:`\lambda`, 1 in the paper) by plain differentiation.
+the whole an ordinary function built on :func:`fgnet_jax.meta.adapt` (the first term's
+inner step) and differentiated once (:func:`fgnet_jax.train.metafgnet_gradients`); the second
+term is the auxiliary regulariser, weight :math:`\lambda`, 1 in the paper.
 
 Every pass runs BatchNorm in training mode (batch statistics), as the authors did, so the
 Hessian in the meta-gradient includes the Jacobian of the batch statistics.

@@ -137,7 +137,7 @@ class MetaStepConfig:
       inner_optimizer: the inner update rule at rate :math:`\\eta`, one of
         :data:`INNER_OPTIMIZERS` (the paper: ``"sgd"``).
       remat, unroll: :func:`fgnet_jax.meta.adapt`'s (memory flat in K; the inner loop
-        rolled or unrolled, ``None``: the backend's default).
+        rolled or unrolled, ``None``: unrolled where the program runs on a CPU, rolled elsewhere).
       two_updates: the authors' two optimiser updates per iteration (module docstring);
         the optimiser must then be made with ``OptimizerConfig(updates_per_step=2)``.
       per_step_batches: one inner batch per inner step instead of one T_i for all of them

@@ -171,7 +171,7 @@ def meta_gradient_functions(model, methods: Sequence[str], inner_steps: int = 1)
 
     def make(method):
         def meta_gradient(target_params, batch_stats, inner, outer, inner_lr):
-            (outer_loss, _), grads = meta_value_and_grad(
+            result = meta_value_and_grad(
                 target_loss_fn(model, batch_stats),
                 target_params,
                 inner,
@@ -181,7 +181,7 @@ def meta_gradient_functions(model, methods: Sequence[str], inner_steps: int = 1)
                 inner_steps=inner_steps,
                 has_aux=True,
             )
-            return outer_loss, grads
+            return result.loss, result.grads
 
         return jax.jit(meta_gradient)
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
+from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from meta_problems import (
@@ -113,7 +114,8 @@ def test_grad_of_any_outer_objective_matches_the_hand_written_loop(optimizer, st
         arguments = inner_arguments
         if learned:  # the rates as an input, so that jax.grad differentiates them too
             arguments = dict(inner_optimizer=optax.chain(optax.scale(2.0), learned_sgd(rates)))
-        adaptation = adapt(loss_with_aux, p, inner, inner_steps=steps, per_step_batches=per_step_batches,
+        adaptation = adapt(loss_with_aux, p, inner, inner_steps=None if per_step_batches else steps,
+                           per_step_batches=per_step_batches,
                            has_aux=True, hessian=hessian, first_order=first_order, remat=remat, unroll=unroll,
                            **arguments)
         return objective(adaptation.params, p), adaptation
@@ -323,3 +325,30 @@ def test_remat_keeps_compiled_memory_flat_in_the_number_of_steps_on_the_default_
         assert long <= 1.5 * short + 16 * parameter_bytes, (hessian, short, long)
     short, long = temp_bytes(2, False, "jvp"), temp_bytes(16, False, "jvp")
     assert long > 1.5 * short + 16 * parameter_bytes, ("without remat", short, long)
+
+
+def test_default_loop_is_chosen_by_the_platform_the_program_is_lowered_for():
+    """``unroll=None`` unrolls the loop where the program runs on a CPU and rolls it elsewhere,
+    decided when it is lowered (not from the default backend at trace time): the same jitted
+    meta-gradient exported for the CPU has no loop, for CUDA or TPU a ``while`` per pass; with
+    remat it is rolled everywhere; and the default agrees with ``unroll=True`` here to round-off."""
+    loss_with_aux, params, inner, outer = make_problem(seed=26)
+    loss_fn = scalar(loss_with_aux)
+
+    def meta_gradient(hessian, remat=False, unroll=None):
+        objective = lambda p: loss_fn(adapt(loss_fn, p, inner, inner_lr=0.4, inner_steps=3, hessian=hessian,
+                                            remat=remat, unroll=unroll).params, outer)
+        return jax.jit(jax.grad(objective))
+
+    def loops(function, platform):
+        return export.export(function, platforms=[platform])(params).mlir_module().count("stablehlo.while")
+
+    for hessian in ("jvp", "autodiff"):
+        assert loops(meta_gradient(hessian), "cpu") == 0, hessian
+        for platform in ("cuda", "tpu"):
+            assert loops(meta_gradient(hessian), platform) >= 1, (hessian, platform)
+        assert loops(meta_gradient(hessian, remat=True), "cpu") >= 1, hessian
+    default, unrolled = fast_compile_jit(lambda p: tuple(jax.grad(lambda q: loss_fn(
+        adapt(loss_fn, q, inner, inner_lr=0.4, inner_steps=3, unroll=unroll).params, outer))(p)
+        for unroll in (None, True)))(params)
+    assert relative_error(default, unrolled) <= 1e-12

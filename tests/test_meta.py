@@ -48,12 +48,11 @@ def test_exact_methods_agree_to_round_off(inner_steps):
     loss_fn, params, inner, outer = make_problem()
     results = every_method(EXACT_METHODS, loss_fn, params, inner, outer, inner_lr=0.3, inner_steps=inner_steps,
                            has_aux=True)
-    (reference_loss, reference_stats), reference_grads = results["exact"]
+    reference = results["exact"]
     for method in ("hvp_vjp", "hvp_jvp"):
-        (loss, stats), grads = results[method]
-        assert relative_error(grads, reference_grads) <= 1e-10, method
-        np.testing.assert_allclose(loss, reference_loss, rtol=1e-12)
-        assert relative_error(stats, reference_stats) <= 1e-12
+        assert relative_error(results[method].grads, reference.grads) <= 1e-10, method
+        np.testing.assert_allclose(results[method].loss, reference.loss, rtol=1e-12)
+        assert relative_error(results[method].aux, reference.aux) <= 1e-12
 
 
 @pytest.mark.parametrize("inner_steps", fast_subset([1, 2], fast=[1]))
@@ -73,8 +72,8 @@ def test_exact_methods_match_central_finite_differences(inner_steps):
 
     finite_difference_grad = jax.vmap(central_difference)(jnp.eye(flat_params.size))
     results = every_method(EXACT_METHODS, loss_fn, params, inner, outer, inner_lr=lr, inner_steps=inner_steps)
-    for method, (_, grads) in results.items():
-        assert relative_error(ravel_pytree(grads)[0], finite_difference_grad) <= 1e-6, method
+    for method, result in results.items():
+        assert relative_error(ravel_pytree(result.grads)[0], finite_difference_grad) <= 1e-6, method
 
 
 @pytest.mark.slow
@@ -102,8 +101,8 @@ def test_exact_methods_match_explicit_hessian_formula(inner_steps):
     explicit = explicit_gradient(flat_params)
 
     results = every_method(EXACT_METHODS, loss_fn, params, inner, outer, inner_lr=lr, inner_steps=inner_steps)
-    for method, (_, grads) in results.items():
-        assert relative_error(ravel_pytree(grads)[0], explicit) <= 1e-10, method
+    for method, result in results.items():
+        assert relative_error(ravel_pytree(result.grads)[0], explicit) <= 1e-10, method
 
 
 @pytest.mark.parametrize("inner_steps", fast_subset([1, 2], fast=[1]))
@@ -122,7 +121,7 @@ def test_first_order_is_outer_gradient_at_adapted_params(inner_steps):
 
     results = every_method(("first_order", "exact"), loss_fn, params, inner, outer, inner_lr=lr,
                            inner_steps=inner_steps)
-    (loss, first_order), (_, exact) = results["first_order"], results["exact"]
+    loss, first_order, exact = results["first_order"].loss, results["first_order"].grads, results["exact"].grads
     np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
     assert relative_error(first_order, expected_grad) <= 1e-12
     # The dropped second-order term is not negligible at this step size.
@@ -144,11 +143,11 @@ def test_has_aux_returns_outer_step_aux():
     adapted = compiled(inner_adapt, loss_fn, params, inner, inner_lr=0.3, inner_steps=2, has_aux=True)
     expected_loss, expected_stats = loss_fn(adapted, outer)
     results = every_method(METHODS, loss_fn, params, inner, outer, inner_lr=0.3, inner_steps=2, has_aux=True)
-    for method, ((loss, stats), _) in results.items():
-        np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
-        assert relative_error(stats, expected_stats) <= 1e-12, method
+    for method, result in results.items():
+        np.testing.assert_allclose(result.loss, expected_loss, rtol=1e-12)
+        assert relative_error(result.aux, expected_stats) <= 1e-12, method
         # The outer batch is shifted, so its statistics differ from the inner batch's.
-        assert relative_error(stats, loss_fn(adapted, inner)[1]) > 1e-2
+        assert relative_error(result.aux, loss_fn(adapted, inner)[1]) > 1e-2
 
 
 @pytest.mark.parametrize("method", fast_subset(METHODS, fast=["hvp_jvp", "hvp_vjp", "first_order"]))
@@ -173,7 +172,7 @@ def test_per_parameter_inner_lr_equals_grad_through_update(method):
 
     reference = first_order_reference if method == "first_order" else jax.grad(outer_after_meta_sgd_step)
     expected = fast_compile_jit(reference)(params)
-    _, grads = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=inner_lr, method=method)
+    grads = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=inner_lr, method=method).grads
     assert relative_error(grads, expected) <= 1e-10
 
 
@@ -188,15 +187,16 @@ def test_jit_with_traced_inner_lr_and_vmap_over_tasks(method):
     outer_batches = stack([t[1] for t in tasks])
 
     step = jax.jit(
-        lambda p, i, o, lr: meta_value_and_grad(loss_fn, p, i, o, inner_lr=lr, method=method, inner_steps=2)
+        lambda p, i, o, lr: meta_value_and_grad(loss_fn, p, i, o, inner_lr=lr, method=method, inner_steps=2,
+                                                wrt=("params", "inner_lr"))
     )
     batched = jax.vmap(step, in_axes=(None, 0, 0, None))
-    losses, grads = batched(params, inner_batches, outer_batches, 0.25)
+    batched_result = batched(params, inner_batches, outer_batches, 0.25)
     for t, (inner, outer) in enumerate(tasks):
-        loss_t, grads_t = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=0.25, method=method,
-                                   inner_steps=2)
-        np.testing.assert_allclose(losses[t], loss_t, rtol=1e-12)
-        assert relative_error(jax.tree_util.tree_map(lambda x: x[t], grads), grads_t) <= 1e-12
+        task_result = compiled(meta_value_and_grad, loss_fn, params, inner, outer, inner_lr=0.25, method=method,
+                               inner_steps=2, wrt=("params", "inner_lr"))
+        # The loss, the meta-gradient and the rate's gradient of each task.
+        assert relative_error(jax.tree_util.tree_map(lambda x: x[t], batched_result), task_result) <= 1e-12
 
 
 def test_float32_params_stay_float32_with_float64_rate():
@@ -204,7 +204,7 @@ def test_float32_params_stay_float32_with_float64_rate():
     params32 = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), params)
     loss32 = lambda p, b: scalar(loss_with_aux)(jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), p), b)
     for method in METHODS:
-        _, grads = meta_value_and_grad(loss32, params32, inner, outer, inner_lr=jnp.float64(0.1), method=method)
+        grads = meta_value_and_grad(loss32, params32, inner, outer, inner_lr=jnp.float64(0.1), method=method).grads
         assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads)), method
 
 

@@ -29,6 +29,7 @@ from tiers import fast_subset
 
 from fgnet_jax.meta import (
     METHODS,
+    MetaGradient,
     hessian_vector_product,
     inner_adapt,
     learned_sgd,
@@ -92,7 +93,8 @@ def test_inner_optimizers_match_grad_through_the_unrolled_loop(optimizer, steps,
     @fast_compile_jit
     def all_methods(p):
         return {
-            method: meta_value_and_grad(loss_fn, p, inner, outer, inner_optimizer=tx, method=method, inner_steps=steps,
+            method: meta_value_and_grad(loss_fn, p, inner, outer, inner_optimizer=tx, method=method,
+                                        inner_steps=None if per_step_batches else steps,
                                         per_step_batches=per_step_batches, remat=remat, unroll=unroll)
             for method in METHODS
         }
@@ -102,40 +104,50 @@ def test_inner_optimizers_match_grad_through_the_unrolled_loop(optimizer, steps,
         objective = unrolled_outer_loss(loss_fn, rule, inner, outer, steps, per_step_batches, first_order)
         expected_loss, expected = fast_compile_jit(jax.value_and_grad(objective))(params, hyper)
         for method in methods:
-            loss, grads = results[method]
-            np.testing.assert_allclose(loss, expected_loss, rtol=1e-12)
-            assert relative_error(grads, expected) <= TOLERANCE, method
+            np.testing.assert_allclose(results[method].loss, expected_loss, rtol=1e-12)
+            assert relative_error(results[method].grads, expected) <= TOLERANCE, method
     # The curvature terms matter here, so the first-order comparison above is not vacuous.
-    assert relative_error(results["first_order"][1], results["exact"][1]) > 1e-3
+    assert relative_error(results["first_order"].grads, results["exact"].grads) > 1e-3
 
 
 @pytest.mark.parametrize("optimizer, remat", fast_subset(
-    [(optimizer, remat) for optimizer in ("per_parameter", "per_step", "adam_learning_rate") for remat in (False, True)],
-    fast=[("per_parameter", False), ("per_step", True)], tuples=True))
+    [(optimizer, remat) for optimizer in ("inner_lr", "per_parameter", "per_step", "adam_learning_rate")
+     for remat in (False, True)],
+    fast=[("inner_lr", False), ("per_step", True)], tuples=True))
 def test_gradient_with_respect_to_learned_rates(optimizer, remat):
-    """Meta-SGD, MAML++ per-step rates and Adam's injected learning rate: the meta-gradient
-    with respect to the optimiser's state equals jax.grad through the written-out loop."""
+    """Meta-SGD rates given as ``inner_lr`` or in learned_sgd's state, MAML++ per-step rates
+    and Adam's injected learning rate: ``hyper_grads`` (shaped like ``inner_lr``, or like the
+    optimiser's state) equals jax.grad through the written-out loop."""
     steps = 2
     loss_with_aux, params, inner, outer = make_problem(seed=12, inner_steps=steps)
     loss_fn = scalar(loss_with_aux)
     if optimizer == "adam_learning_rate":
-        tx = optax.inject_hyperparams(optax.adam)(learning_rate=0.05, b1=0.9, b2=0.99, eps=1e-3, eps_root=1e-8)
+        rule_arguments = dict(inner_optimizer=optax.inject_hyperparams(optax.adam)(
+            learning_rate=0.05, b1=0.9, b2=0.99, eps=1e-3, eps_root=1e-8), wrt=("params", "inner_opt_state"))
         rule, hyper = adam_rule(), 0.05
-        rate_gradient = lambda state_grads: state_grads.hyperparams["learning_rate"]
+        rate_gradient = lambda hyper_grads: hyper_grads.hyperparams["learning_rate"]
+    elif optimizer == "inner_lr":  # the rates themselves are the input: their gradient comes back shaped like them
+        _, rule, hyper = optimizer_case("per_parameter", params, steps)
+        rule_arguments = dict(inner_lr=hyper, wrt=("params", "inner_lr"))
+        rate_gradient = lambda hyper_grads: hyper_grads
     else:
         tx, rule, hyper = optimizer_case(optimizer, params, steps)
-        rate_gradient = lambda state_grads: state_grads.rates
+        rule_arguments = dict(inner_optimizer=tx, wrt=("params", "inner_opt_state"))
+        rate_gradient = lambda hyper_grads: hyper_grads.rates
     objective = unrolled_outer_loss(loss_fn, rule, inner, outer, steps, True)
     expected_params, expected_rates = fast_compile_jit(jax.grad(objective, argnums=(0, 1)))(params, hyper)
     all_methods = fast_compile_jit(lambda p: {
-        method: meta_value_and_grad(loss_fn, p, inner, outer, inner_optimizer=tx, method=method, per_step_batches=True,
-                                    remat=remat, unroll=False, return_opt_state_grad=True)
+        method: meta_value_and_grad(loss_fn, p, inner, outer, method=method, per_step_batches=True, remat=remat,
+                                    unroll=False, **rule_arguments)
         for method in ("exact", "hvp_vjp", "hvp_jvp")
     })
-    for method, (_, (param_grads, state_grads)) in all_methods(params).items():
-        assert relative_error(param_grads, expected_params) <= TOLERANCE, method
-        assert relative_error(rate_gradient(state_grads), expected_rates) <= TOLERANCE, method
-        assert state_grads.count is None  # the step counter is an integer: not differentiated
+    for method, result in all_methods(params).items():
+        assert relative_error(result.grads, expected_params) <= TOLERANCE, method
+        assert relative_error(rate_gradient(result.hyper_grads), expected_rates) <= TOLERANCE, method
+        if optimizer == "inner_lr":
+            assert jax.tree_util.tree_structure(result.hyper_grads) == jax.tree_util.tree_structure(hyper)
+        elif optimizer != "adam_learning_rate":
+            assert result.hyper_grads.count is None  # the step counter is an integer: not differentiated
 
 
 def test_per_step_batches_are_used_in_order():
@@ -146,8 +158,8 @@ def test_per_step_batches_are_used_in_order():
     expected = fast_compile_jit(jax.grad(objective))(params, None)
     meta_gradient = fast_compile_jit(lambda p, i: meta_value_and_grad(
         loss_fn, p, i, outer, inner_optimizer=optax.sgd(0.3, momentum=0.9), method="hvp_jvp", per_step_batches=True))
-    _, grads = meta_gradient(params, inner)
-    _, reversed_grads = meta_gradient(params, tree_map(lambda x: x[::-1], inner))
+    grads = meta_gradient(params, inner).grads
+    reversed_grads = meta_gradient(params, tree_map(lambda x: x[::-1], inner)).grads
     assert relative_error(grads, expected) <= TOLERANCE
     assert relative_error(reversed_grads, expected) > 1e-3
 
@@ -191,7 +203,7 @@ def test_non_differentiable_leaves_pass_through_untouched(method):
 
     reference_loss = lambda net, batch: loss_fn({"net": net, **extras}, batch)
     # Not jitted: the Python objects must reach loss_fn as they are.
-    _, grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2)
+    grads = meta_value_and_grad(loss_fn, params, inner, outer, inner_lr=0.3, method=method, inner_steps=2).grads
     objective = unrolled_outer_loss(reference_loss, per_parameter_rule(), inner, outer, 2, False,
                                     first_order=method == "first_order")
     expected = fast_compile_jit(jax.grad(objective))(float_params, tree_map(lambda x: 0.3, float_params))
@@ -253,10 +265,16 @@ def test_unbound_axis_name_is_one_clear_error(method):
         (dict(inner_optimizer=optax.sgd(0.1)), "give exactly one of inner_lr"),
         (dict(inner_lr=None, inner_optimizer="sgd"), "must be an optax GradientTransformation"),
         (dict(inner_opt_state=0), "inner_opt_state needs inner_optimizer"),
-        (dict(per_step_batches=True, inner_steps=3), r"inner_batch\['x'\] has shape \(8, 4\).*leading axis K=3"),
+        (dict(per_step_batches=True, inner_batch="x for 3 steps, y for one"),
+         r"^per_step_batches=True: inner_batch\['y'\] has shape \(8,\), but every leaf needs the leading axis K=3 "),
+        (dict(per_step_batches=True, inner_steps=3), r"^per_step_batches=True takes K from inner_batch's leading axis; "
+                                                     r"drop inner_steps=3 \(K is given once\)$"),
         (dict(inner_lr=None, inner_optimizer="per_step_rates_of_3", inner_steps=2),
          r"learned_sgd rates\['BatchNorm_0'\]\['bias'\] has shape \(3, 6\): per-step rates need the leading axis K=2"),
         (dict(inner_lr=jnp.ones(2)), r"inner_lr has shape \(2,\): a single rate must be a scalar"),
+        (dict(wrt="rates"), r"^wrt='rates': name one or more of 'params', 'inner_lr', 'inner_opt_state'$"),
+        (dict(wrt=("params", "inner_opt_state")), r"^wrt names 'inner_opt_state', but the inner rule's input is "
+                                                  r"'inner_lr' \(inner_lr was given\): differentiate 'inner_lr'$"),
     ],
 )
 def test_bad_inner_loop_arguments_are_named(kwargs, message):
@@ -265,6 +283,9 @@ def test_bad_inner_loop_arguments_are_named(kwargs, message):
         kwargs["inner_lr"] = tree_map(lambda x: jnp.ones(x.shape + (2,)), params)
     if kwargs.get("inner_optimizer") == "per_step_rates_of_3":
         kwargs["inner_optimizer"] = learned_sgd(random_rates(params, 0, leading=(3,)), per_step=True)
+    if kwargs.get("inner_batch") == "x for 3 steps, y for one":
+        del kwargs["inner_batch"]
+        inner = dict(inner, x=jnp.stack([inner["x"]] * 3))
     arguments = dict(inner_lr=0.1) | kwargs
     with pytest.raises(ValueError, match=message):
         meta_value_and_grad(scalar(loss_with_aux), params, inner, outer, **arguments)
@@ -295,7 +316,7 @@ def test_rates_shaped_like_params_that_are_one_array():
         meta_value_and_grad(loss_fn, p, x_inner, x_outer, inner_optimizer=learned_sgd(per_step_rates, per_step=True),
                             method=method, inner_steps=2),
     ) for method in METHODS})(params)
-    for method, ((loss_1, grads_1), (loss_2, grads_2)) in results.items():
+    for method, ((loss_1, grads_1, *_), (loss_2, grads_2, *_)) in results.items():
         first_order = method == "first_order"
         np.testing.assert_allclose(loss_1, unrolled(params, [rates], first_order), rtol=1e-12)
         assert relative_error(grads_1, jax.grad(unrolled)(params, [rates], first_order)) <= TOLERANCE, method
@@ -304,3 +325,38 @@ def test_rates_shaped_like_params_that_are_one_array():
     with pytest.raises(ValueError, match=r"inner_lr has shape \(4,\), which does not broadcast to the parameter's "
                                          r"shape \(3,\)"):
         meta_value_and_grad(loss_fn, params, x_inner, x_outer, inner_lr=jnp.ones(4))
+
+
+def test_wrt_chooses_the_gradients_and_keeps_one_return_structure():
+    """``wrt`` picks what is differentiated (as jax.grad's argnums): the default gives the
+    params' gradient and ``hyper_grads=None``; ``("params", "inner_lr")`` both; ``"inner_lr"``
+    only the rates' (``grads=None``); always a MetaGradient. Against jax.grad through the loop
+    written out here, every exact form and first-order."""
+    x_inner = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    x_outer = jnp.cos(jnp.arange(12.0)).reshape(4, 3)
+
+    def loss_fn(theta, x):
+        return jnp.mean(jnp.tanh(x @ theta) ** 2) + 0.1 * jnp.sum(theta ** 4)
+
+    def unrolled(theta, rates, first_order):
+        for _ in range(2):
+            gradient = jax.grad(loss_fn)(theta, x_inner)
+            theta = theta - rates * (jax.lax.stop_gradient(gradient) if first_order else gradient)
+        return loss_fn(theta, x_outer)
+
+    params, rates = jnp.array([0.4, -0.7, 0.9]), jnp.array([0.3, 0.05, 0.6])
+    results = fast_compile_jit(lambda p, r: {(method, wrt): meta_value_and_grad(
+        loss_fn, p, x_inner, x_outer, inner_lr=r, method=method, inner_steps=2, wrt=wrt)
+        for method in METHODS for wrt in (("params",), ("params", "inner_lr"), ("inner_lr",))})(params, rates)
+    for (method, wrt), result in results.items():
+        assert isinstance(result, MetaGradient)
+        expected = jax.grad(unrolled, argnums=(0, 1))(params, rates, method == "first_order")
+        np.testing.assert_allclose(result.loss, unrolled(params, rates, False), rtol=1e-12)
+        if "params" in wrt:
+            assert relative_error(result.grads, expected[0]) <= TOLERANCE, (method, wrt)
+        else:
+            assert result.grads is None
+        if "inner_lr" in wrt:
+            assert relative_error(result.hyper_grads, expected[1]) <= TOLERANCE, (method, wrt)
+        else:
+            assert result.hyper_grads is None

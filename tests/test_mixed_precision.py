@@ -90,8 +90,8 @@ def test_bfloat16_meta_gradient_is_close_to_float32_for_every_method():
 
     reference, mixed = gradients(f32), gradients(bf16)
     for method in METHODS:
-        (loss32, _), grads32 = reference[method]
-        (loss16, _), grads16 = mixed[method]
+        loss32, grads32 = reference[method].loss, reference[method].grads
+        loss16, grads16 = mixed[method].loss, mixed[method].grads
         assert loss16.dtype == jnp.float32 and inexact_dtypes(grads16) == {jnp.dtype(jnp.float32)}
         a = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(grads16)]).astype(np.float64)
         e = np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(grads32)]).astype(np.float64)

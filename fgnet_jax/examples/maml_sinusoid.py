@@ -171,9 +171,10 @@ def loss_and_grad_fn(method: str, config: Config):
         return jax.value_and_grad(mse)
 
     def per_task(params, inner, outer):
-        return meta_value_and_grad(
+        result = meta_value_and_grad(
             mse, params, inner, outer, inner_lr=config.inner_lr, method=method, inner_steps=config.inner_steps
         )
+        return result.loss, result.grads
 
     def meta_batch_loss_and_grad(params, tasks):
         inner, outer = split_shots(tasks, config.shots)

@@ -69,10 +69,9 @@ def jitted_meta_gradient(loss_fn, method: str, inner_steps: int, inner_lr: float
 def agreement_table(inner_steps: int, inner_lr: float, batch: int, image_size: int) -> None:
     with jax.enable_x64(True):
         loss_fn, params, inner, outer = build_problem(jnp.float64, batch, image_size)
-        flat = {
-            method: ravel_pytree(jitted_meta_gradient(loss_fn, method, inner_steps, inner_lr)(params, inner, outer)[1])[0]
-            for method in METHODS
-        }
+        grads = {method: jitted_meta_gradient(loss_fn, method, inner_steps, inner_lr)(params, inner, outer).grads
+                 for method in METHODS}
+        flat = {method: ravel_pytree(grads[method])[0] for method in METHODS}
     reference = flat["exact"]
     print(f"float64 agreement with 'exact' (relative L2 difference), {inner_steps} inner step(s), lr {inner_lr}:")
     for method in METHODS:

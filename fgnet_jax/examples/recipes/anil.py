@@ -75,7 +75,7 @@ def anil_rates(params):
 
 
 def meta_gradients(params, inner, outer):
-    """``{method: (outer loss, grads)}``, every method in one jitted program."""
+    """``{method: MetaGradient}``, every method in one jitted program."""
     rates = anil_rates(params)
     return jax.jit(lambda p: {
         method: meta_value_and_grad(cross_entropy, p, inner, outer, inner_lr=rates, inner_steps=INNER_STEPS,
@@ -109,7 +109,7 @@ def check() -> dict[str, float]:
         require_second_order_effect(expected[False][1]["body"], expected[True][1]["body"], "body meta-gradient")
         errors = {}
         for method in METHODS:
-            loss, grads = results[method]
+            loss, grads = results[method].loss, results[method].grads
             expected_loss, expected_grads = expected[method == "first_order"]
             errors[f"{method}: outer loss"] = relative_error(loss, expected_loss)
             errors[f"{method}: meta-gradient"] = relative_error(grads, expected_grads)

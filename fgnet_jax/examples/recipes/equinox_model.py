@@ -53,7 +53,7 @@ def make_task(seed: int = 0):
 
 
 def meta_gradients(model, inner, outer):
-    """``{method: (outer loss, grads)}``; ``grads`` is an MLP with None at non-array leaves.
+    """``{method: MetaGradient}``; its ``grads`` is an MLP with None at non-array leaves.
 
     ``eqx.filter_jit``: the model's function leaves are not arrays, so plain ``jax.jit``
     could not take the model as an argument."""
@@ -93,7 +93,7 @@ def check() -> dict[str, float]:
         require_second_order_effect(expected[False][1], expected[True][1])
         errors = {}
         for method in METHODS:
-            loss, grads = results[method]
+            loss, grads = results[method].loss, results[method].grads
             if not (isinstance(grads, eqx.nn.MLP) and grads.activation is None and grads.final_activation is None):
                 raise AssertionError(f"{method}: the meta-gradient should be an MLP with None at its function leaves")
             expected_loss, expected_grads = expected[method == "first_order"]

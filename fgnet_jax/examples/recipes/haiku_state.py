@@ -59,7 +59,7 @@ def make_task(seed: int = 0):
 
 
 def meta_gradients(loss_fn, params, inner, outer):
-    """``{method: ((outer loss, state), grads)}``, every method in one jitted program."""
+    """``{method: MetaGradient}`` (``aux``: the state after the outer pass), every method in one jitted program."""
     return jax.jit(lambda p: {
         method: meta_value_and_grad(loss_fn, p, inner, outer, inner_lr=INNER_LR, method=method,
                                     per_step_batches=True, remat=True, has_aux=True)
@@ -97,7 +97,7 @@ def check() -> dict[str, float]:
         require_second_order_effect(expected[False][1], expected[True][1])
         errors = {}
         for method in METHODS:
-            (loss, state), grads = results[method]
+            loss, grads, state = results[method].loss, results[method].grads, results[method].aux
             (expected_loss, expected_state), expected_grads = expected[method == "first_order"]
             counters = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
                 lambda a, b: bool(a == b) if jnp.issubdtype(a.dtype, jnp.integer) else True, state, expected_state))

@@ -69,7 +69,7 @@ def make_task(global_batch: int, seed: int = 0):
 
 
 def sharded_meta_gradients(mesh, loss_fn, params, inner, outer):
-    """``{method: ((outer loss, statistics), grads)}``, batches sharded over ``mesh``."""
+    """``{method: MetaGradient}`` (``aux``: the statistics), batches sharded over ``mesh``."""
     params = jax.device_put(params, NamedSharding(mesh, P()))
     inner, outer = jax.device_put((inner, outer), NamedSharding(mesh, P(AXIS)))
     step = jax.jit(lambda p, i, o: {
@@ -109,7 +109,7 @@ def check() -> dict[str, float]:
         require_second_order_effect(expected[False][1], expected[True][1])
         errors = {}
         for method in METHODS:
-            (loss, stats), grads = results[method]
+            loss, grads, stats = results[method].loss, results[method].grads, results[method].aux
             if not all(g.sharding.is_fully_replicated for g in jax.tree_util.tree_leaves(grads)):
                 raise AssertionError(f"{method}: the meta-gradient should come back replicated")
             (expected_loss, expected_stats), expected_grads = expected[method == "first_order"]

@@ -1,13 +1,18 @@
 r"""Recipe: Meta-SGD (Li et al. 2017) and per-step rates (MAML++), the rates meta-learned:
-the gradient with respect to the inner optimiser's state.
+the meta-gradient with respect to the inner rates, ``hyper_grads``.
 
     python -m fgnet_jax.examples.recipes.meta_sgd
 
-``learned_sgd(rates)`` keeps the rates in the optimiser state, which the meta-gradient can
-cover: ``meta_value_and_grad(..., inner_optimizer=learned_sgd(rates),
-return_opt_state_grad=True)`` returns ``(loss, (param_grads, opt_state_grads))`` with the
-rates' gradient in ``opt_state_grads.rates`` (and ``None`` for the integer step counter).
-An outer optimiser then updates ``params`` and ``rates`` together.
+:func:`fgnet_jax.meta.meta_value_and_grad` returns a ``MetaGradient(loss, grads,
+hyper_grads, aux)``: ``grads`` with respect to ``params``, ``hyper_grads`` with respect to
+the inner rule's input when ``wrt`` names it. Meta-SGD's rates are plain SGD rates, so they go
+in as ``inner_lr`` (a pytree shaped like ``params``), and with ``wrt=("params", "inner_lr")``
+``hyper_grads`` is their gradient, shaped like them. Per-step rates need
+``inner_optimizer=learned_sgd(rates, per_step=True)``, which keeps them in the optimiser
+state; with ``wrt=("params", "inner_opt_state")`` ``hyper_grads`` is the gradient with
+respect to that state,
+the rates' in ``hyper_grads.rates`` (``None`` for the integer step counter). An outer
+optimiser then updates ``params`` and the rates together.
 
 Meta-SGD: one rate per parameter entry, :math:`\theta_{k+1} = \theta_k - \alpha \odot
 \nabla L(\theta_k; T_i)`. Per-step rates: one scalar per layer and step, leaves of shape
@@ -63,17 +68,25 @@ def make_task(seed: int = 0):
 
 
 def meta_gradients(params, rates, inner, outer, per_step: bool):
-    """``{method: (outer loss, (param_grads, rate_grads))}``, every method in one jitted program."""
+    """``{method: (outer loss, (param_grads, rate_grads))}``, every method in one jitted program.
+
+    Per-parameter rates as ``inner_lr``; per-step rates through ``learned_sgd(per_step=True)``."""
 
     def all_methods(params, rates):
         results = {}
         for method in METHODS:
-            loss, (param_grads, state_grads) = meta_value_and_grad(
-                cross_entropy, params, inner, outer, inner_optimizer=learned_sgd(rates, per_step=per_step),
-                inner_steps=INNER_STEPS, method=method, return_opt_state_grad=True)
-            if state_grads.count is not None:
-                raise AssertionError("the step counter is an integer: its gradient should be None")
-            results[method] = loss, (param_grads, state_grads.rates)
+            if per_step:
+                result = meta_value_and_grad(
+                    cross_entropy, params, inner, outer, inner_optimizer=learned_sgd(rates, per_step=True),
+                    inner_steps=INNER_STEPS, method=method, wrt=("params", "inner_opt_state"))
+                if result.hyper_grads.count is not None:
+                    raise AssertionError("the step counter is an integer: its gradient should be None")
+                rate_grads = result.hyper_grads.rates
+            else:
+                result = meta_value_and_grad(cross_entropy, params, inner, outer, inner_lr=rates,
+                                             inner_steps=INNER_STEPS, method=method, wrt=("params", "inner_lr"))
+                rate_grads = result.hyper_grads
+            results[method] = result.loss, (result.grads, rate_grads)
         return results
 
     return jax.jit(all_methods)(params, rates)
@@ -116,8 +129,8 @@ def check() -> dict[str, float]:
 
 
 def main() -> None:
-    print_report(f"Meta-SGD (per-parameter rates) and per-step per-layer rates with learned_sgd, K={INNER_STEPS}, "
-                 "return_opt_state_grad=True, against jax.grad w.r.t. params and rates", check())
+    print_report(f"Meta-SGD (per-parameter rates as inner_lr) and per-step per-layer rates with learned_sgd, "
+                 f"K={INNER_STEPS}, hyper_grads, against jax.grad w.r.t. params and rates", check())
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def make_task(seed: int = 0):
 
 
 def meta_gradients(loss_fn, params, inner, outer):
-    """``{method: ((outer loss, statistics), grads)}``, every method in one jitted program."""
+    """``{method: MetaGradient}`` (``aux``: the statistics), every method in one jitted program."""
     return jax.jit(lambda p: {
         method: meta_value_and_grad(loss_fn, p, inner, outer, inner_lr=INNER_LR, inner_steps=INNER_STEPS,
                                     method=method, has_aux=True)
@@ -103,7 +103,7 @@ def check() -> dict[str, float]:
         require_second_order_effect(expected[False][1], expected[True][1])
         errors = {}
         for method in METHODS:
-            (loss, stats), grads = results[method]
+            loss, grads, stats = results[method].loss, results[method].grads, results[method].aux
             (expected_loss, expected_stats), expected_grads = expected[method == "first_order"]
             errors[f"{method}: outer loss"] = relative_error(loss, expected_loss)
             errors[f"{method}: BatchNorm statistics (aux)"] = relative_error(stats, expected_stats)

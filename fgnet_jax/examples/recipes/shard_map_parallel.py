@@ -79,7 +79,7 @@ def make_task(global_batch: int, seed: int = 0):
 
 
 def sharded_meta_gradients(mesh, variables, inner, outer):
-    """``{method: ((outer loss, statistics), grads)}`` under ``shard_map`` over ``mesh``."""
+    """``{method: MetaGradient}`` (``aux``: the statistics) under ``shard_map`` over ``mesh``."""
     loss_fn = make_loss(BatchNormNet(axis_name=AXIS), variables["batch_stats"])
 
     def per_device(params, inner, outer):  # sees this device's shard of each batch
@@ -123,7 +123,7 @@ def check() -> dict[str, float]:
         require_second_order_effect(expected[False][1], expected[True][1])
         errors = {}
         for method in METHODS:
-            (loss, stats), grads = results[method]
+            loss, grads, stats = results[method].loss, results[method].grads, results[method].aux
             (expected_loss, expected_stats), expected_grads = expected[method == "first_order"]
             errors[f"{method}: outer loss"] = relative_error(loss, expected_loss)
             errors[f"{method}: synchronised statistics (aux)"] = relative_error(stats, expected_stats)
