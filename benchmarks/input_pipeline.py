@@ -52,6 +52,7 @@ def main() -> None:
 
     from fgnet_jax import data
 
+    data.hide_accelerators_from_tensorflow()  # as the experiment: tf.data on the host
     tfds.disable_progress_bar()
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fgnet_pipeline_bench_"))
     start = time.perf_counter()

@@ -22,12 +22,12 @@ its shard of every batch; collectives span all processes (see docs/multihost.md)
 from __future__ import annotations
 
 import os
+import re
 import sys
+import tempfile
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: keep its start-up chatter quiet
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "cub_200.py")
 _DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "demo.py")
@@ -115,6 +115,55 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
+# An absl C++ log record ("I0000 00:00:1796324091.710041   24555 port.cc:153] ..."): its severity letter.
+_ABSL_RECORD = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [^ ]+:\d+\] ")
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow (once, before anything else does) without its start-up log lines.
+
+    TF_CPP_MIN_LOG_LEVEL (see :func:`main`) does not reach them: TensorFlow 2.2x logs them
+    through absl's C++ logging before absl is initialised, straight to file descriptor 2. So
+    descriptor 2 is captured during the import and written back without the records below that
+    level (0 shows everything, 1 hides INFO, 2 also WARNING, 3 also ERROR)."""
+    level = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0").strip()
+    if "tensorflow" in sys.modules or level not in ("1", "2", "3"):
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            # As the data package imports it (without Keras's optimizers: about 3 s less).
+            from fgnet_jax.data import _compat
+
+            _compat.import_tensorflow_without_keras()
+        except ImportError:
+            pass  # reported where the data pipeline imports it
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            sys.stderr.write(_without_log_records(captured.read().decode(errors="replace"), "IWE"[:int(level)]))
+            sys.stderr.flush()
+
+
+def _without_log_records(text: str, severities: str) -> str:
+    """``text`` without the absl records of these severities (with their continuation lines),
+    and without absl's preamble when no record is left."""
+    kept, dropping = [], False
+    for line in text.splitlines(keepends=True):
+        record = _ABSL_RECORD.match(line)
+        if record or line.startswith(_ABSL_PREAMBLE):
+            dropping = bool(record) and record.group(1) in severities
+        if not dropping:
+            kept.append(line)
+    if not any(_ABSL_RECORD.match(line) for line in kept):
+        kept = [line for line in kept if not line.startswith(_ABSL_PREAMBLE)]
+    return "".join(kept)
+
+
 def _demo_paths(workdir: str) -> dict[str, str]:
     root = os.path.join(workdir, "demo_data")
     return {"root": root, "manual": os.path.join(root, "manual"), "auxiliary": os.path.join(root, "auxiliary"),
@@ -157,6 +206,9 @@ def write_demo_data(config) -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; options are --workdir, --config, --config.KEY=VALUE, --demo")
+    # TensorFlow's INFO and WARNING lines hidden unless the user says otherwise; before JAX is
+    # imported (it sets a default of 1).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     if not _WORKDIR.value:
         _fail("--workdir is required (where checkpoints, logs and results go)")
@@ -184,11 +236,15 @@ def main(argv) -> None:
     except distributed.DistributedError as error:
         _fail(str(error))
 
+    import_tensorflow_quietly()  # before the data pipeline imports it
     # Imported here: JAX must not start before --simulate_cpu_devices/--cpu_convolutions are applied.
     import jax
 
     from experiments import pipeline
     from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError, require_target_files
+    from fgnet_jax.data import hide_accelerators_from_tensorflow
+
+    hide_accelerators_from_tensorflow()  # the input pipeline runs on the host: GPUs/TPUs stay JAX's
 
     try:
         if not _DEMO.value:  # no data at all: say first where the target dataset goes (and --demo)

@@ -31,17 +31,17 @@ def summarise(ctx, stages: dict[str, dict], test: dict, validation: dict, select
     }
 
 
-def plot_curves(records: list[dict], path: str) -> None:
-    """Loss and validation accuracy per stage, one panel each, against the stage's step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def curves_figure(records: list[dict]):
+    """Loss and validation top-1 (%, as in the tables) per stage, one panel each, against the
+    stage's step: a matplotlib Figure (pyplot and its global backend are left alone); None
+    without records."""
+    from matplotlib.figure import Figure
 
     stages = list(dict.fromkeys(r["stage"] for r in records))
     if not stages:
-        return
-    figure, axes = plt.subplots(2, len(stages), figsize=(4 * len(stages), 6), squeeze=False)
+        return None
+    figure = Figure(figsize=(4 * len(stages), 6))
+    axes = figure.subplots(2, len(stages), squeeze=False)
     for column, stage in enumerate(stages):
         rows = [r for r in records if r["stage"] == stage]
         for key in ("loss", "meta_loss", "auxiliary_loss"):
@@ -50,20 +50,29 @@ def plot_curves(records: list[dict], path: str) -> None:
                 axes[0, column].plot(*zip(*points), label=key)
         axes[0, column].set_title(stage)
         axes[0, column].set_xlabel("step")
+        axes[0, column].set_ylabel("training loss (cross-entropy, nats)")
         axes[0, column].legend(fontsize="small")
-        points = [(r["step"], r["val_accuracy"]) for r in rows if "val_accuracy" in r]
+        points = [(r["step"], 100 * r["val_accuracy"]) for r in rows if "val_accuracy" in r]
         if points:
             axes[1, column].plot(*zip(*points), marker="o")
-            axes[1, column].set_ylabel("validation top-1")
+            axes[1, column].set_ylabel("validation top-1 (%)")
+            axes[1, column].set_ylim(0, 100)
             axes[1, column].set_xlabel("step")
         else:  # stage 1 is never evaluated: say so rather than draw empty axes
             axes[1, column].axis("off")
             axes[1, column].text(0.5, 0.5, "not evaluated\n(no validation split for this stage)",
                                  ha="center", va="center", transform=axes[1, column].transAxes, color="grey")
     figure.tight_layout()
+    return figure
+
+
+def plot_curves(records: list[dict], path: str) -> None:
+    """Write :func:`curves_figure` to ``path`` (nothing without records)."""
+    figure = curves_figure(records)
+    if figure is None:
+        return
     temporary = f"{path}.tmp-{os.getpid()}.png"
     figure.savefig(temporary, dpi=90)
-    plt.close(figure)
     os.replace(temporary, path)
 
 

@@ -23,7 +23,8 @@ Each (variant, seed) is a workdir of its own, ``DIR/<variant>/seed<k>``, run by 
 own pipeline (``experiments.pipeline.run``): an interrupted study resumes where it stopped and a
 finished run is never repeated (its ``summary.json`` is read back). At the end the study prints
 and writes ``DIR/study.md`` (the table), ``DIR/study.json`` (every number) and ``DIR/study.png``.
-``--fast`` shortens every stage to a few steps (the tests run it).
+``--fast`` shortens every stage to a few steps: a smoke test of the study, whose study.md and
+study.png are headed "FAST SMOKE RUN (not a result)" and give no paired differences.
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ import os
 import shutil
 import sys
 import time
-
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _CONFIG_GIVEN = any(a == "--config" or a.startswith("--config=") for a in sys.argv)
 if __name__ == "__main__" and not _CONFIG_GIVEN:
@@ -193,8 +192,9 @@ def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float
     return mean, mean - half, mean + half
 
 
-def summarise(records: list[dict]) -> dict:
-    """Per-variant statistics of the finished runs."""
+def summarise(records: list[dict], fast: bool = False) -> dict:
+    """Per-variant statistics of the finished runs, and paired differences between variants
+    (none for ``fast``, --fast smoke runs: a few steps per stage cannot support a claim)."""
     rows = {}
     for variant in VARIANTS:
         runs = sorted((r for r in records if r["variant"] == variant), key=lambda r: r["seed"])
@@ -212,14 +212,26 @@ def summarise(records: list[dict]) -> dict:
     comparisons = {}
     for a, b in (("exact", "first_order"), ("exact", "joint"), ("first_order", "joint"),
                  ("exact", "finetune_only"), ("exact_selection", "exact")):
-        if a in rows and b in rows:
+        if not fast and a in rows and b in rows:
             seeds = sorted(set(rows[a]["seeds"]) & set(rows[b]["seeds"]))
             pick = lambda v: [rows[v]["test_top1"]["values"][rows[v]["seeds"].index(s)] for s in seeds]  # noqa: E731
             interval = paired_interval(pick(a), pick(b))
             if interval is not None:
                 comparisons[f"{a} - {b}"] = {"mean": interval[0], "low": interval[1], "high": interval[2],
                                              "seeds": seeds}
-    return {"variants": rows, "comparisons": comparisons}
+    return {"variants": rows, "comparisons": comparisons, "fast": fast}
+
+
+FAST_MARK = "FAST SMOKE RUN (not a result)"
+
+
+def heading(study: dict, seeds: list[int], dataset: str) -> str:
+    """study.md's title: a ``--fast`` study is marked as a smoke run, not a result."""
+    if study.get("fast"):
+        return (f"# {FAST_MARK}: MetaFGNet study, {len(seeds)} seed(s), {dataset}\n\n"
+                "Every stage ran a few steps (--fast): this checks that the study runs end to end. "
+                "The numbers below are not results; no differences are claimed.")
+    return f"# MetaFGNet study: {len(seeds)} seed(s), {dataset}"
 
 
 def format_table(study: dict) -> str:
@@ -234,6 +246,8 @@ def format_table(study: dict) -> str:
     lines.append("Per seed, test top-1: " + "; ".join(
         f"{variant} " + " / ".join(f"{100 * v:.1f}" for v in row["test_top1"]["values"])
         for variant, row in study["variants"].items()))
+    if study.get("fast"):
+        lines.append(f"No paired differences or confidence intervals: {FAST_MARK}.")
     for name, c in study["comparisons"].items():
         lines.append(f"Paired difference {name}: {100 * c['mean']:+.1f} points, 95% CI "
                      f"[{100 * c['low']:+.1f}, {100 * c['high']:+.1f}] over seeds {c['seeds']}")
@@ -244,14 +258,14 @@ def format_table(study: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(study: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def figure(study: dict):
+    """study.png: test top-1 per variant (bars from 0 to 100 %, mean +- std, a dot per seed), as a
+    matplotlib Figure (pyplot and its global backend are left alone)."""
+    from matplotlib.figure import Figure
 
     variants = list(study["variants"])
-    figure, axis = plt.subplots(figsize=(1.6 * len(variants) + 2, 4))
+    fig = Figure(figsize=(1.6 * len(variants) + 2, 4))
+    axis = fig.subplots()
     for i, variant in enumerate(variants):
         row = study["variants"][variant]
         values = [100 * v for v in row["test_top1"]["values"]]
@@ -262,15 +276,22 @@ def plot(study: dict, path: str) -> None:
     axis.set_xticks(range(len(variants)))
     axis.set_xticklabels([study["variants"][v]["description"].replace(", ", ",\n").replace(" + ", "\n+ ")
                           for v in variants], fontsize=7)
+    axis.set_xlabel("variant")
     axis.set_ylabel("test top-1 (%)")
-    lows = [min(study["variants"][v]["test_top1"]["values"]) for v in variants]
-    axis.set_ylim(max(0.0, 100 * min(lows) - 10), 100)
-    axis.set_title("mean +- std over seeds, dots: seeds")
+    axis.set_ylim(0, 100)
+    title = "test top-1, mean +- std over seeds, dots: seeds"
+    if study.get("fast"):
+        fig.suptitle(FAST_MARK, color="#cb181d", fontweight="bold")
+        title += " (--fast: a few steps per stage)"
+    axis.set_title(title, fontsize=9)
     axis.legend(fontsize=7, loc="lower right")
-    figure.tight_layout()
+    fig.tight_layout()
+    return fig
+
+
+def plot(study: dict, path: str) -> None:
     temporary = f"{path}.tmp-{os.getpid()}.png"
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
+    figure(study).savefig(temporary, dpi=100)
     os.replace(temporary, path)
 
 
@@ -327,9 +348,10 @@ def _print(line: str) -> None:
 
 
 def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, demo: bool,
-              log=_print, report_only: bool = False) -> dict:
+              log=_print, report_only: bool = False, fast: bool = False) -> dict:
     """Run (or resume) every (variant, seed) and write the table, data and plot under ``root``
-    (``report_only``: run nothing, tabulate the finished runs)."""
+    (``report_only``: run nothing, tabulate the finished runs; ``fast``: the runs are ``--fast``
+    smoke runs, and the table and plot say so and claim no differences)."""
     from experiments import pipeline
     from experiments.compilation import CompileCounter
     from experiments.workdir import read_json, write_json_atomic
@@ -377,17 +399,19 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
         else:
             log(f"study: run {index}/{len(order)}: {variant} seed {seed} finished before, read from {workdir}")
         records.append(_record(variant, seed, workdir, summary))
-    study = summarise(records)
+    study = summarise(records, fast)
     study["runs"] = records
     study["wall_seconds"] = time.time() - started
     study["compilations"] = compilations.summary()
     table = format_table(study)
     write_json_atomic(os.path.join(root, "study.json"), study)
     with open(os.path.join(root, "study.md.tmp"), "w") as handle:
-        handle.write(f"# MetaFGNet study: {len(seeds)} seed(s), {base_config.dataset}\n\n{table}\n")
+        handle.write(f"{heading(study, seeds, base_config.dataset)}\n\n{table}\n")
     os.replace(os.path.join(root, "study.md.tmp"), os.path.join(root, "study.md"))
     if study["variants"]:
         plot(study, os.path.join(root, "study.png"))
+    if fast:
+        log(FAST_MARK)
     log(table)
     log(f"study: {len(order)} runs, {_clock(study['wall_seconds'])} in this process; {compilations.line()}")
     log(f"study: {os.path.join(root, 'study.md')}  {os.path.join(root, 'study.png')}")
@@ -397,6 +421,7 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
 def main(argv) -> None:
     if len(argv) > 1:
         cub_200._fail(f"unexpected arguments {argv[1:]}")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # as the experiment's main, before JAX sets 1
     logging.set_verbosity(logging.WARNING)
     if not cub_200._WORKDIR.value:
         cub_200._fail("--workdir is required (the study's runs, table and plot go there)")
@@ -420,10 +445,14 @@ def main(argv) -> None:
     if _FAST.value:
         fast_config(config)
 
+    cub_200.import_tensorflow_quietly()  # before the data pipeline imports it
     import jax
 
     from experiments import pipeline
     from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError
+    from fgnet_jax.data import hide_accelerators_from_tensorflow
+
+    hide_accelerators_from_tensorflow()  # the input pipeline runs on the host: GPUs/TPUs stay JAX's
 
     root = os.path.abspath(cub_200._WORKDIR.value)
     if demo:
@@ -435,7 +464,7 @@ def main(argv) -> None:
             require_target_files(config.dataset, data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
         for variant in variants:
             pipeline.validate_config(variant_config(config, variant), jax.device_count())
-        run_study(config, root, seeds, variants, demo=demo, report_only=_REPORT_ONLY.value)
+        run_study(config, root, seeds, variants, demo=demo, report_only=_REPORT_ONLY.value, fast=_FAST.value)
     except DatasetNotFoundError as error:
         cub_200._fail(f"{error} (or run the study on the embedded demo data: leave out --config)")
     except (pipeline.UsageError, CorruptImageError, DatasetFormatError) as error:

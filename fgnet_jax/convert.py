@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 HEADS = ("auxiliary_head", "target_head")
-_TORCH_MISSING = "reading PyTorch checkpoints needs PyTorch: pip install fgnet_jax[torch]"
+_TORCH_MISSING = "reading PyTorch checkpoints needs PyTorch: pip install -e '.[torch]'"
 _DATA_PARALLEL_PREFIX = "module."
 # Written by Orbax into every finished checkpoint directory.
 _ORBAX_MARKER = "_CHECKPOINT_METADATA"

@@ -16,7 +16,9 @@ default pool, none in 5 with ``NPROC=8``.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import warnings
 
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
@@ -37,9 +39,29 @@ def simulate_cpu_devices(count: int) -> None:
 # in this list); removing that entry sends them back to XLA's Eigen kernels.
 _YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _EIGEN_CONVOLUTIONS = f"{_YNN_FUSION_FLAG}=-individual_convolution"
-# jaxlib releases known to accept the flag (an unknown XLA flag aborts the process).
-_JAXLIB_WITH_YNN_FLAG = ("0.10.",)
 CPU_CONVOLUTIONS = ("eigen", "ynnpack")
+# Starts XLA:CPU, which parses XLA_FLAGS and aborts the process on a flag or value it does not know.
+_START_XLA_CPU = "import jax; jax.devices()"
+
+
+def _xla_rejects(flag: str) -> str | None:
+    """Why the installed XLA refuses ``flag`` (its own message), or None when it accepts it.
+
+    XLA reads ``XLA_FLAGS`` once, when its CPU backend starts, and aborts the process on an
+    unknown flag or value, so the check starts the backend with only ``flag`` set in a child
+    interpreter (about 1-2 s, mostly ``import jax``)."""
+    env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
+    try:
+        child = subprocess.run([sys.executable, "-c", _START_XLA_CPU], env=env, capture_output=True, text=True,
+                               timeout=300)
+    except subprocess.TimeoutExpired:
+        return "starting XLA:CPU with it took over 300 s"
+    if child.returncode == 0:
+        return None
+    lines = [line.strip() for line in child.stderr.splitlines() if line.strip()]
+    said = [line for line in lines if "Unknown flag" in line or "Illegal value" in line]
+    first = (said or lines or [f"exit status {child.returncode}"])[0]
+    return first.split("] ", 1)[-1]  # without the log prefix (severity, time, thread, source line)
 
 
 def use_cpu_convolutions(kind: str) -> bool:
@@ -49,10 +71,14 @@ def use_cpu_convolutions(kind: str) -> bool:
     XLA's Eigen convolutions are about 20 % faster for the ResNets here, in every pass (ResNet-18,
     96 px, batch 32: one forward+backward 0.38 -> 0.30 s, first-order meta-gradient
     0.68 -> 0.56 s, exact (hvp_jvp) 1.25 -> 0.99 s; ``benchmarks/NOTES.md``). ``"eigen"`` sets the
-    flag that does this; ``"ynnpack"`` leaves jaxlib's default. Returns whether a flag was
-    set: nothing is set on a jaxlib that does not know the flag, nor where ``XLA_FLAGS``
-    already chooses (the user's setting wins). GPU and TPU programs are unaffected. After
-    ``import jax`` the call is refused unless ``XLA_FLAGS`` already holds what it asks for.
+    flag that does this (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``)
+    after checking that the installed XLA accepts it: XLA aborts a process whose ``XLA_FLAGS``
+    holds a flag or value it does not know, so the flag is first tried in a child interpreter
+    (1-2 s). Where XLA refuses it (a jaxlib that dropped or renamed it), nothing is set and a
+    one-line ``RuntimeWarning`` quotes XLA's reason. ``"ynnpack"`` leaves jaxlib's default.
+    Returns whether the flag was set: not where XLA refuses it, nor where ``XLA_FLAGS`` already
+    chooses (the user's setting wins). GPU and TPU programs are unaffected. After ``import jax``
+    the call is refused unless ``XLA_FLAGS`` already holds what it asks for.
     """
     if kind not in CPU_CONVOLUTIONS:
         raise ValueError(f"unknown CPU convolution kernels {kind!r}; choose one of {', '.join(CPU_CONVOLUTIONS)}")
@@ -64,13 +90,10 @@ def use_cpu_convolutions(kind: str) -> bool:
         raise RuntimeError("use_cpu_convolutions must be called before jax is imported")
     if kind == "ynnpack" or chosen:
         return False
-    try:
-        from importlib.metadata import version
-
-        jaxlib_version = version("jaxlib")
-    except Exception:  # not installed as a distribution: do not guess
-        return False
-    if not jaxlib_version.startswith(_JAXLIB_WITH_YNN_FLAG):
+    reason = _xla_rejects(_EIGEN_CONVOLUTIONS)
+    if reason is not None:
+        warnings.warn(f"CPU convolutions stay jaxlib's default: the installed XLA refuses {_EIGEN_CONVOLUTIONS} "
+                      f"({reason}); choose 'ynnpack' to silence this", RuntimeWarning, stacklevel=2)
         return False
     os.environ["XLA_FLAGS"] = " ".join(flags + [_EIGEN_CONVOLUTIONS])
     return True

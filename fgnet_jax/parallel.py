@@ -54,10 +54,35 @@ def _wait_for_all_processes(what: str) -> None:
     than another (a compilation-cache hit, a loaded machine) would otherwise time out there
     (seen: a resumed 2-process CPU run aborted with "Gloo context initialization failed").
     """
-    from jax._src import distributed as jax_distributed
-
     _BARRIERS[0] += 1
-    jax_distributed.global_state.client.wait_at_barrier(f"fgnet_compiled_{_BARRIERS[0]}", 30 * 60 * 1000)
+    name = f"fgnet_compiled_{_BARRIERS[0]}"
+    # The one use of a private JAX module in the package, because JAX has no public barrier on
+    # its coordination service (checked in jax 0.10.2): jax.distributed offers initialize,
+    # shutdown and is_initialized (the query asked for in jax-ml/jax#26009), and
+    # multihost_utils.sync_global_devices is a device all-gather, i.e. the first run of a
+    # cross-process program, the very thing that times out here. A search of JAX's issues on
+    # 2026-12-03 found none asking for a public barrier. Orbax and JAX's own array
+    # serialization reach the client the same way; should a JAX release move it, this falls
+    # back to sync_global_devices with a one-line warning.
+    client = None
+    if jax.distributed.is_initialized():
+        try:
+            from jax._src import distributed as jax_distributed  # no public equivalent: see above
+
+            client = jax_distributed.global_state.client
+        except (ImportError, AttributeError):
+            pass
+    if client is None or not hasattr(client, "wait_at_barrier"):
+        import warnings
+
+        from jax.experimental import multihost_utils
+
+        warnings.warn(f"no JAX coordination-service barrier in this JAX ({jax.__version__}); before the first run "
+                      f"of {what} all processes meet in a device all-gather instead, which gives up after 30 s",
+                      RuntimeWarning, stacklevel=2)
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(name, 30 * 60 * 1000)
 
 
 def _call_compiled_pmap(compiled, args, axis_name: str):

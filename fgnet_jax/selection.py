@@ -146,12 +146,13 @@ def _write_histogram(path: str, scores: np.ndarray, cutoff: float | None,
     """Histogram of the scores with the cut-off; with ``groups`` (a group name per image, e.g.
     the demo's ``related``/``unrelated``) one stacked colour per group, the legend giving
     each group's kept fraction."""
-    import matplotlib
+    # A Figure of its own (savefig renders the PNG with Agg): neither pyplot's figure registry
+    # nor the process's matplotlib backend (a notebook's inline plots) is touched.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     bins = np.histogram_bin_edges(scores, bins=min(50, max(5, len(scores) // 5)))
     if groups is None:
         axis.hist(scores, bins=bins, color="tab:blue")
@@ -167,7 +168,7 @@ def _write_histogram(path: str, scores: np.ndarray, cutoff: float | None,
                 label += f", {100 * kept[members].mean():.0f}% kept"
             labels.append(label + ")")
         axis.hist([scores[groups_array == name] for name in names], bins=bins, stacked=True, label=labels,
-                  color=[plt.get_cmap("tab10")(i) for i in range(len(names))])
+                  color=[colormaps["tab10"](i) for i in range(len(names))])
     if cutoff is not None:
         axis.axvline(cutoff, color="tab:red", linestyle="--", label=f"selection cut-off {cutoff:.3f}")
     if cutoff is not None or groups is not None:
@@ -176,7 +177,6 @@ def _write_histogram(path: str, scores: np.ndarray, cutoff: float | None,
     axis.set_ylabel("auxiliary images")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def write_selection(

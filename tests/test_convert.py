@@ -285,7 +285,7 @@ def test_cli_formats_and_errors(tmp_path, capsys):
 def test_module_imports_and_fails_clearly_without_torch(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     module = importlib.reload(convert)  # re-runs the module body with torch unavailable
-    with pytest.raises(ImportError, match=r"pip install fgnet_jax\[torch\]"):
+    with pytest.raises(ImportError, match=r"^reading PyTorch checkpoints needs PyTorch: pip install -e '\.\[torch\]'$"):
         module.load_torch_checkpoint(tmp_path / "x.pth")
     # Conversion itself works on NumPy arrays without torch.
     variables = module.torchvision_to_flax(_numpy_state_dict(18, 2, seed=0))

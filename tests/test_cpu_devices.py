@@ -47,6 +47,7 @@ _PROGRAM = textwrap.dedent(
 
 
 USERS_OWN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+EIGEN_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +64,28 @@ def runs():
     for name, process in processes.items():
         stdout, stderr = process.communicate(timeout=300)
         assert process.returncode == 0, stderr[-3000:]
-        results[name] = json.loads(stdout.strip().splitlines()[-1])
+        results[name] = dict(json.loads(stdout.strip().splitlines()[-1]), stderr=stderr)
     return results
+
+
+def xla_starts_with(flag: str) -> bool:
+    """Whether XLA:CPU starts with ``flag`` in XLA_FLAGS (it aborts on a flag or value it does not know)."""
+    child = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=child_env(flag, JAX_PLATFORMS="cpu"),
+                           capture_output=True, text=True, timeout=300)
+    return child.returncode == 0
 
 
 @pytest.mark.slow
 def test_eigen_and_ynnpack_convolutions_agree_in_value_gradient_and_hvp(runs):
     eigen, ynnpack = runs["eigen"], runs["ynnpack"]
-    assert eigen["applied"] and "-individual_convolution" in eigen["xla_flags"]
+    # Whichever jaxlib is installed: the flag is set (and the program ran with it), or XLA does
+    # not know it and the call said so in one line and set nothing.
+    if eigen["applied"]:
+        assert eigen["xla_flags"].split()[-1] == EIGEN_FLAG and "RuntimeWarning" not in eigen["stderr"]
+    else:
+        assert eigen["xla_flags"] == user_xla_flags() and not xla_starts_with(EIGEN_FLAG)
+        assert f"RuntimeWarning: CPU convolutions stay jaxlib's default: the installed XLA refuses {EIGEN_FLAG}" \
+            in eigen["stderr"]
     assert not ynnpack["applied"] and ynnpack["xla_flags"] == user_xla_flags()
     np.testing.assert_allclose(eigen["value"], ynnpack["value"], rtol=1e-5)
     for name in ("gradient", "hvp"):
@@ -100,3 +115,31 @@ def test_bad_kind_and_late_call_are_refused(monkeypatch):
     assert use_cpu_convolutions("ynnpack") is False
     with pytest.raises(RuntimeError, match="before jax is imported"):
         use_cpu_convolutions("eigen")
+
+
+# The call with a flag no XLA knows (as a jaxlib without the convolution flag would see it): set
+# nothing, warn in one line quoting XLA, and leave a process that starts JAX normally.
+_REFUSED_PROGRAM = textwrap.dedent(
+    """
+    import json, os, sys
+    from fgnet_jax import cpu_devices
+    cpu_devices._EIGEN_CONVOLUTIONS = sys.argv[1]
+    applied = cpu_devices.use_cpu_convolutions("eigen")
+    import jax
+    print(json.dumps({"applied": applied, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                      "devices": len(jax.devices())}))
+    """
+)
+
+
+@pytest.mark.parametrize("refused", ["--xla_cpu_experimental_ynn_fusion_type=-no_such_fusion_type",
+                                     "--xla_cpu_no_such_flag_in_any_jaxlib=1"], ids=["unknown value", "unknown flag"])
+def test_a_flag_the_installed_xla_refuses_is_a_one_line_warning_and_not_set(refused):
+    child = subprocess.run([sys.executable, "-W", "always::RuntimeWarning", "-c", _REFUSED_PROGRAM, refused],
+                           env=child_env(), capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["applied"] is False and result["xla_flags"] == user_xla_flags() and result["devices"] >= 1
+    warning = [line for line in child.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warning) == 1 and f"the installed XLA refuses {refused} (" in warning[0], child.stderr[-3000:]
+    assert "Unknown flag" in warning[0] or "Illegal value" in warning[0]  # XLA's own reason, quoted

@@ -365,3 +365,22 @@ def test_importing_the_data_package_skips_tensorflows_keras_import_and_keras_sti
     scalars = [(value.tag, event.step, float(tf.make_ndarray(value.tensor)))
                for event in tf.compat.v1.train.summary_iterator(str(events_file)) for value in event.summary.value]
     assert scalars == [("meta_train/loss", 3, 1.5), ("finetune/val_accuracy", 7, 0.25)]
+
+
+def test_hide_accelerators_from_tensorflow_hides_the_gpus_it_sees_and_warns_when_too_late(monkeypatch):
+    """Shown a GPU (this machine has none), the call hides it from TensorFlow and nothing else;
+    where TensorFlow already started on it, a one-line warning says to call it at start-up."""
+    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+    hidden = []
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
+    monkeypatch.setattr(tf.config, "set_visible_devices", lambda devices, kind=None: hidden.append((devices, kind)))
+    data.hide_accelerators_from_tensorflow()
+    assert hidden == [([], "GPU")]
+
+    def started(devices, kind=None):
+        raise RuntimeError("Visible devices cannot be modified after being initialized")
+
+    monkeypatch.setattr(tf.config, "set_visible_devices", started)
+    with pytest.warns(RuntimeWarning, match=r"TensorFlow already uses the GPUs .* call it at start-up") as caught:
+        data.hide_accelerators_from_tensorflow()
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)

@@ -1,5 +1,7 @@
 """Stock TFDS builders fed with synthetic manual files: imagenet2012 (auxiliary), stanford_dogs (target)."""
 
+import sys
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -110,3 +112,14 @@ def test_any_prepared_tfds_image_dataset_can_be_auxiliary(tmp_path):
     np.testing.assert_allclose(greys, np.broadcast_to((40 * keys / 255)[:, None, None, None], greys.shape), atol=2e-3)
     assert sorted(keys) == list(range(6))
     np.testing.assert_array_equal(batch["label"][0], keys % 2)
+
+
+def test_preparing_without_importlib_resources_names_the_extra(tmp_path, monkeypatch):
+    """TFDS needs the importlib_resources back-port to prepare a dataset but does not declare it
+    (the experiments extra does): without it, one line naming the install, before TFDS starts."""
+    data.write_synthetic_cub(tmp_path / "manual", num_classes=2, images_per_class=2, image_size=16)
+    monkeypatch.setitem(sys.modules, "importlib_resources", None)  # as a Python without the package
+    with pytest.raises(ModuleNotFoundError, match=r"^preparing a TFDS dataset needs importlib_resources, .*"
+                                                  r"pip install 'fgnet_jax\[experiments\]'") as error:
+        data.prepare_tfds("cub_200_2011", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "manual")
+    assert "\n" not in str(error.value) and not (tmp_path / "tfds" / "cub_200_2011").exists()

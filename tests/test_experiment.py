@@ -129,6 +129,7 @@ def test_demo_output_is_plain_lines_and_compiles_each_step_once(reference_run):
     assert "\r" not in stderr and "\x1b[" not in stderr and "\r" not in stdout
     assert "meta_train: 8/8" in stderr
     assert "Downloading" not in stdout + stderr  # TFDS only reads the generated archive
+    assert "absl::InitializeLog" not in stderr and "oneDNN" not in stderr  # TensorFlow's start-up lines
     # A fresh cache: stage 4 runs stage 2's compiled step (same shapes and settings) and the
     # evaluation compiled in stage 2, so it compiles nothing.
     summary = json.loads((workdir / "summary.json").read_text())
@@ -252,6 +253,53 @@ def test_bad_config_is_one_line_error_before_any_work(tmp_path, capsys, override
     assert message in stderr
     assert len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ")
     assert not (tmp_path / "run" / "auxiliary_pretrain").exists() and not (tmp_path / "run" / "meta_train").exists()
+
+
+@pytest.mark.slow
+def test_command_line_shows_no_tensorflow_start_up_lines(tmp_path):
+    """A real ``python -m experiments.cub_200`` that imports TensorFlow and then stops (no
+    dataset), with TF_CPP_MIN_LOG_LEVEL unset as a user's shell has it: stderr is the error line
+    alone (TensorFlow's absl INFO lines at import ignore that variable; the entry point drops them)."""
+    env = child_env()
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    command = [sys.executable, "-m", "experiments.cub_200", f"--workdir={tmp_path / 'run'}",
+               f"--config.data_dir={tmp_path / 'tfds'}", f"--config.manual_dir={tmp_path / 'manual'}"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: CUB-200-2011 not found"), result.stderr
+
+
+def test_tensorflow_log_filter_drops_records_below_the_level_only():
+    from experiments.cub_200 import _without_log_records
+
+    preamble = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+    info = "I0000 00:00:1796324091.710041   24555 port.cc:153] oneDNN custom operations are on.\n"
+    info_continued = ("I0000 00:00:1796324262.074267   27702 cpu_feature_guard.cc:227] This TensorFlow binary is "
+                      "optimized.\nTo enable the following instructions: AVX2, rebuild TensorFlow.\n")
+    warning = "W0000 00:00:1796324091.710041   24555 loader.cc:9] libcuda.so not found\n"
+    other = "a line of someone else's\n"
+    assert _without_log_records(other + preamble + info + preamble + info_continued, "I") == other
+    assert _without_log_records(preamble + info + warning + other, "I") == preamble + warning + other
+    assert _without_log_records(other + preamble + info + warning, "IW") == other
+
+
+def test_curves_have_labelled_axes_and_accuracy_in_percent():
+    from experiments import report
+
+    records = [{"stage": "auxiliary_pretrain", "step": 1, "loss": 3.0},
+               {"stage": "meta_train", "step": 2, "loss": 4.0, "meta_loss": 3.5},
+               {"stage": "meta_train", "step": 2, "val_accuracy": 0.25}]
+    figure = report.curves_figure(records)
+    (loss_1, loss_2), (accuracy_1, accuracy_2) = np.reshape(figure.axes, (2, 2))
+    for axis in (loss_1, loss_2, accuracy_2):
+        assert axis.get_xlabel() == "step" and axis.get_ylabel(), axis.get_title()
+    assert "loss" in loss_1.get_ylabel() and "loss" in loss_2.get_ylabel()
+    assert not accuracy_1.axison  # stage 1 is not evaluated
+    assert accuracy_2.get_ylabel() == "validation top-1 (%)" and accuracy_2.get_ylim() == (0, 100)
+    (line,) = accuracy_2.get_lines()
+    assert list(line.get_ydata()) == [25.0]
+    assert report.curves_figure([]) is None
 
 
 def test_missing_dataset_names_the_file_and_suggests_demo(tmp_path, capsys):

@@ -5,8 +5,12 @@ One run of ``--fast`` (3,000 iterations, one seed, exact, first-order and pretra
 by the tests of this module.
 """
 
+import contextlib
+import io
 import json
 import math
+import os
+import sys
 
 import pytest
 
@@ -18,9 +22,16 @@ LEARNING_MARGIN = 0.5  # "learns": post-adaptation MSE at most this fraction of 
 
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("maml_sinusoid")
-    results = maml_sinusoid.main(["--fast", "--outdir", str(outdir)])
-    return results, outdir
+    """The run, given a relative --outdir (it must say where that is); its stdout."""
+    base = tmp_path_factory.mktemp("maml_sinusoid")
+    printed, cwd = io.StringIO(), os.getcwd()
+    os.chdir(base)
+    try:
+        with contextlib.redirect_stdout(printed):
+            results = maml_sinusoid.main(["--fast", "--outdir", "out"])
+    finally:
+        os.chdir(cwd)
+    return results, base / "out", printed.getvalue()
 
 
 @pytest.mark.parametrize("method", ["exact", "first_order"])
@@ -31,7 +42,7 @@ def test_meta_training_learns(fast_run, method, steps):
     below what the same adaptation reaches from the initialisation (about 4.3, the mean of A^2/2:
     the 0.01-scale initial network predicts about zero and barely moves in 10 steps). Measured
     for seeds 0-2: at most 1.23 after 1 step and 0.63 after 10, against about 4.36 and 4.33."""
-    results, _ = fast_run
+    results, _, _ = fast_run
     untrained = results["methods"]["untrained"]["summary"][str(steps)]["mean"]
     trained = results["methods"][method]["summary"][str(steps)]["mean"]
     assert trained < LEARNING_MARGIN * untrained, (
@@ -41,7 +52,7 @@ def test_meta_training_learns(fast_run, method, steps):
 
 @pytest.mark.slow
 def test_results_json(fast_run):
-    results, outdir = fast_run
+    results, outdir, _ = fast_run
     with open(outdir / "results.json") as f:
         written = json.load(f)
     assert written == json.loads(json.dumps(results))
@@ -75,7 +86,7 @@ def test_results_json(fast_run):
 
 @pytest.mark.slow
 def test_table_and_plot(fast_run):
-    results, outdir = fast_run
+    results, outdir, printed = fast_run
     table = (outdir / "results.md").read_text()
     assert table == maml_sinusoid.markdown_table(results)
     rows = [line for line in table.splitlines() if line.startswith("|")]
@@ -89,6 +100,13 @@ def test_table_and_plot(fast_run):
     assert "mean ± sample std over 1 seed(s)" in table
     with open(outdir / "maml_sinusoid.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The run says where it wrote, by absolute path (the --outdir given was relative).
+    (wrote,) = [line for line in printed.splitlines() if line.startswith("wrote ")]
+    assert wrote == "wrote " + ", ".join(str(outdir / name) for name in ("results.json", "results.md", "maml_sinusoid.png"))
+    figure = maml_sinusoid.figure(results)
+    for axis in figure.axes:
+        assert axis.get_xlabel() and axis.get_ylabel(), axis.get_title()
+    assert "MSE" in figure.axes[0].get_ylabel()
 
 
 def test_command_line():
@@ -100,3 +118,12 @@ def test_command_line():
     for bad in (["--methods", "exact,sgd"], ["--methods", "exact,exact"], ["--seeds", "0"]):
         with pytest.raises(SystemExit):
             maml_sinusoid.parse_config(bad)
+
+
+def test_without_matplotlib_says_which_extra_before_running(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(maml_sinusoid, "run", lambda config: pytest.fail("ran without a way to plot"))
+    with pytest.raises(SystemExit) as exit_info:
+        maml_sinusoid.main(["--fast", "--outdir", str(tmp_path / "out")])
+    assert exit_info.value.code == "error: maml_sinusoid plots with matplotlib: pip install -e '.[experiments]'"
+    assert not (tmp_path / "out").exists()

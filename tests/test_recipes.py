@@ -4,6 +4,8 @@ recipe itself. The Equinox and Haiku recipes need the ``recipes`` extra (skipped
 """
 
 import importlib
+import runpy
+import sys
 
 import jax
 import pytest
@@ -30,6 +32,33 @@ def test_recipe_agrees_with_its_hand_written_reference(name):
     assert errors, "a recipe must compare something"
     too_large = {what: error for what, error in errors.items() if not error <= TOLERANCE}
     assert not too_large, f"{name}: relative errors above {TOLERANCE}: {too_large}"
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONAL_LIBRARY))
+def test_recipe_without_its_library_names_the_extra(name, monkeypatch):
+    """Without Equinox/Haiku (simulated: None in sys.modules), a one-line message naming the
+    extra: SystemExit when run as a script, ImportError when imported."""
+    module = f"fgnet_jax.examples.recipes.{name}"
+    library = {"equinox": "Equinox", "haiku": "Haiku"}[OPTIONAL_LIBRARY[name]]
+    message = f"{name} needs {library}: pip install -e '.[recipes]'"
+    monkeypatch.setitem(sys.modules, OPTIONAL_LIBRARY[name], None)
+    monkeypatch.delitem(sys.modules, module, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module(module, run_name="__main__")
+    assert exit_info.value.code == f"error: {message}"  # printed to stderr, exit status 1
+    with pytest.raises(ImportError) as import_error:
+        importlib.import_module(module)
+    assert str(import_error.value) == message and import_error.value.__cause__ is None
+    assert module not in sys.modules
+
+
+def test_recipe_error_from_inside_an_installed_library_is_not_hidden():
+    from fgnet_jax.examples.recipes._checks import missing_extra
+
+    inner = ImportError("cannot import name 'x' from 'jaxtyping'", name="jaxtyping")
+    with pytest.raises(ImportError) as raised:
+        missing_extra(inner, "equinox", "Equinox", "equinox_model", "__main__")
+    assert raised.value is inner
 
 
 def test_every_recipe_module_is_listed():

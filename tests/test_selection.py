@@ -97,3 +97,23 @@ def test_write_is_atomic_and_tagged(tmp_path, monkeypatch):
     assert load_selection(workdir, "tag-two") is None
     assert sorted(os.listdir(tmp_path / "selection")) == ["tag-one"]
     assert load_selection(workdir, "tag-one")["selected"] == selected
+
+
+def test_the_histogram_leaves_matplotlibs_backend_and_pyplot_alone(tmp_path, monkeypatch):
+    """A notebook user's inline plots survive a selection: the PNG is drawn on a Figure of its
+    own, without matplotlib.use or pyplot's figure registry."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    def use(*args, **kwargs):
+        raise AssertionError(f"matplotlib.use{args} called: it switches the process's backend")
+
+    monkeypatch.setattr(matplotlib, "use", use)
+    backend, figures = dict.__getitem__(matplotlib.rcParams, "backend"), plt.get_fignums()
+    path = tmp_path / "histogram.png"
+    scores = np.linspace(0, 1, 40)
+    selection._write_histogram(str(path), scores, 0.5, groups=["related", "unrelated"] * 20, selected=scores > 0.5)
+    assert dict.__getitem__(matplotlib.rcParams, "backend") == backend and plt.get_fignums() == figures
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == (600, 350)  # figsize (6, 3.5) at 100 dpi

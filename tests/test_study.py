@@ -171,3 +171,44 @@ def test_shared_stages_are_copied_whole_with_their_metrics(tiny_config, tmp_path
     # Stage 2 is not shared with first_order; a stage already there is left alone.
     assert study._share_finished_stages(str(tmp_path), "first_order", 0, config) == ["auxiliary_pretrain"]
     assert study._share_finished_stages(str(tmp_path), "exact_selection", 0, config) == []
+
+
+def finished_runs(root, accuracies):
+    """Finished runs as the study reads them back (their summary.json): ``accuracies[variant]``
+    holds each seed's test top-1."""
+    for variant, values in accuracies.items():
+        for seed, accuracy in enumerate(values):
+            run = root / variant / f"seed{seed}"
+            run.mkdir(parents=True)
+            summary = {"test_accuracy": accuracy, "test_top5": 1.0, "steps": {"finetune": 4},
+                       "wall_seconds": {"finetune": 2.0}}
+            (run / "summary.json").write_text(json.dumps(summary))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_fast_study_is_marked_as_a_smoke_run_and_claims_no_difference(tmp_path, fast):
+    """--fast output says what it is in study.md, study.json, the log and study.png, and gives
+    no paired difference or confidence interval (a full study of the same runs does)."""
+    from experiments.configs import demo
+
+    finished_runs(tmp_path, {"first_order": [0.40, 0.50, 0.45], "exact": [0.60, 0.70, 0.66]})
+    lines = []
+    result = study.run_study(demo.get_config(), str(tmp_path), [0, 1, 2], ["first_order", "exact"], demo=False,
+                             log=lines.append, fast=fast)
+    markdown = (tmp_path / "study.md").read_text()
+    written = json.loads((tmp_path / "study.json").read_text())
+    assert written["fast"] is fast and result["fast"] is fast
+    assert markdown.startswith(f"# {study.FAST_MARK}:") is fast
+    assert (study.FAST_MARK in "\n".join(lines)) is fast
+    if fast:
+        assert result["comparisons"] == {} and "CI" not in markdown and "Paired difference" not in markdown
+        assert "No paired differences or confidence intervals" in markdown
+    else:
+        assert list(result["comparisons"]) == ["exact - first_order"]
+        assert "Paired difference exact - first_order: +20.3 points, 95% CI" in markdown
+    assert (tmp_path / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure = study.figure(result)
+    (axis,) = figure.axes
+    assert (study.FAST_MARK in figure.get_suptitle()) is fast
+    assert axis.get_ylim() == (0, 100)  # bars from 0, in % as in the table
+    assert axis.get_ylabel() == "test top-1 (%)" and axis.get_xlabel() == "variant"

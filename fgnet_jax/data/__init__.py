@@ -12,13 +12,18 @@ Typical use::
     for batch in data.eval_stream(target.validation, per_device_batch=64): ...
 
 Missing files raise :class:`DatasetNotFoundError` with a one-line message; see docs/data.md.
+
+Importing the package changes no process-wide setting. A program that may run on GPUs or TPUs
+calls :func:`hide_accelerators_from_tensorflow` once at start-up, before the first stream is
+built, so that TensorFlow (tf.data and tf.image, on the host) leaves them to JAX
+(``python -m experiments.cub_200`` and ``experiments.study`` do).
 """
 
 from fgnet_jax.data import _compat
 
-_compat.ensure_importlib_resources()
 _compat.import_tensorflow_without_keras()
 
+from fgnet_jax.data._compat import hide_accelerators_from_tensorflow  # noqa: E402
 from fgnet_jax.data.errors import CorruptImageError, DatasetFormatError, DatasetNotFoundError  # noqa: E402
 from fgnet_jax.data.folder import index_image_folder, load_image_folder  # noqa: E402
 from fgnet_jax.data.loaders import (  # noqa: E402
@@ -70,6 +75,7 @@ __all__ = [
     "auxiliary_stream",
     "default_layout",
     "eval_stream",
+    "hide_accelerators_from_tensorflow",
     "index_image_folder",
     "load_auxiliary",
     "load_image_folder",

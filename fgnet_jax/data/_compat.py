@@ -1,27 +1,13 @@
-"""Work-arounds for the installed TFDS and TensorFlow, applied once on import of the package."""
+"""TensorFlow set-up for the input pipeline: a faster import (on import of fgnet_jax.data; it
+leaves ``sys.modules`` as it found it, TensorFlow added) and, called by a program's entry point,
+TensorFlow kept off the accelerators. TFDS's undeclared ``importlib_resources`` dependency is
+declared by the ``experiments`` extra (setup.cfg) instead of aliased here."""
 
 from __future__ import annotations
 
 import importlib
 import sys
-
-
-def ensure_importlib_resources() -> None:
-    """TFDS 4.9.x imports ``importlib_resources`` when it locates a builder's code (for its
-    checksums file), but declares the dependency only for Python < 3.9, so preparing any dataset
-    fails with ModuleNotFoundError on a clean Python 3.11 install. The standard library's
-    ``importlib.resources`` provides what TFDS uses there (``abc.Traversable``); alias it when the
-    back-port is absent."""
-    try:
-        importlib.import_module("importlib_resources")
-    except ModuleNotFoundError:
-        import importlib.resources as resources
-
-        try:
-            importlib.import_module("importlib.resources.abc")  # Python >= 3.11
-        except ModuleNotFoundError:  # Python 3.10: Traversable lives in importlib.abc
-            resources.abc = importlib.import_module("importlib.abc")
-        sys.modules["importlib_resources"] = resources
+import warnings
 
 
 # What TensorFlow (>= 2.16) imports at the end of its own import, to register Keras optimizers
@@ -52,12 +38,22 @@ def import_tensorflow_without_keras() -> None:
 
 
 def hide_accelerators_from_tensorflow() -> None:
-    """The input pipeline runs on the host: keep TensorFlow off GPUs/TPUs so that it neither
-    grabs their memory nor competes with JAX for them."""
+    """Keep TensorFlow off GPUs and TPUs, so that it neither grabs their memory nor competes with
+    JAX for them: the input pipeline (tf.data, tf.image) runs on the host.
+
+    A process-wide setting, so it is made by a program's entry point, once, before the first
+    input stream is built (``python -m experiments.cub_200`` and ``experiments.study`` call it
+    at start-up), never by importing a module. Nothing to do where TensorFlow sees no
+    accelerator (a CPU-only TensorFlow such as ``tensorflow-cpu``); a one-line warning where
+    TensorFlow has already started its devices and can no longer be moved off them."""
     import tensorflow as tf
 
-    try:
-        tf.config.set_visible_devices([], "GPU")
-        tf.config.set_visible_devices([], "TPU")
-    except (RuntimeError, ValueError):  # already initialised, or no such device type
-        pass
+    for kind in ("GPU", "TPU"):
+        if not tf.config.list_physical_devices(kind):
+            continue
+        try:
+            tf.config.set_visible_devices([], kind)
+        except RuntimeError:  # TensorFlow's runtime already started on them
+            warnings.warn(f"TensorFlow already uses the {kind}s (it started before hide_accelerators_from_tensorflow "
+                          "was called): call it at start-up, before the first input stream is built", RuntimeWarning,
+                          stacklevel=2)

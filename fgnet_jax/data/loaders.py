@@ -181,6 +181,12 @@ def prepare_tfds(
         return prepared
     manual = _manual_dir(data_dir, manual_dir)
     _require_manual_files(name, data_dir, manual)
+    try:  # TFDS 4.9 imports it to prepare a dataset but declares it only for Python < 3.9
+        import importlib_resources  # noqa: F401
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("preparing a TFDS dataset needs importlib_resources, which TFDS imports without "
+                                  "declaring it: pip install 'fgnet_jax[experiments]' (or importlib_resources)",
+                                  name="importlib_resources") from None
     if name == "cub_200_2011":
         builder = cub.Cub2002011(data_dir=os.fspath(data_dir), file_format="array_record", on_corrupt=on_corrupt)
     else:

@@ -59,10 +59,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
-from fgnet_jax.data._compat import hide_accelerators_from_tensorflow
 from fgnet_jax.data.sources import ImageSource, stable_hash
-
-hide_accelerators_from_tensorflow()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -38,9 +38,10 @@ Iterations. The default is the paper's 70,000 meta-training iterations. The full
 Its results are in ``fgnet_jax/examples/results/maml_sinusoid/``. ``--fast`` (3,000
 iterations, one seed) is the setting the tests run.
 
-Outputs in ``--outdir``: ``results.json`` (configuration, per-seed MSE after 0..10 steps,
-training-loss curves, timings), ``results.md`` (the table) and ``maml_sinusoid.png`` (training
-loss curves, and an evaluation task's fit before and after adaptation for each method).
+Outputs in ``--outdir`` (created; default ``maml_sinusoid_results`` in the current directory,
+and the run prints where it wrote): ``results.json`` (configuration, per-seed MSE after 0..10
+steps, training-loss curves, timings), ``results.md`` (the table) and ``maml_sinusoid.png``
+(training loss curves, and an evaluation task's fit before and after adaptation for each method).
 """
 
 from __future__ import annotations
@@ -387,17 +388,16 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n\n" + note + "\n"
 
 
-def plot(results: dict, path: str) -> None:
+def figure(results: dict):
     """Training-loss curves (mean over seeds), and the example task's fit before and after
-    adaptation for each trained method (seed 0)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    adaptation for each trained method (seed 0): a matplotlib Figure (pyplot and its global
+    backend are left alone)."""
+    from matplotlib.figure import Figure
 
     example = results["example_task"]
     trained = [method for method in results["methods"] if method != "untrained"]
-    figure, axes = plt.subplots(1, 1 + len(trained), figsize=(4.2 * (1 + len(trained)), 3.8), squeeze=False)
+    fig = Figure(figsize=(4.2 * (1 + len(trained)), 3.8))
+    axes = fig.subplots(1, 1 + len(trained), squeeze=False)
     curve_axis, fit_axes = axes[0, 0], axes[0, 1:]
     for method in trained:
         curves = [entry["training"] for entry in results["methods"][method]["per_seed"]]
@@ -405,7 +405,7 @@ def plot(results: dict, path: str) -> None:
         curve_axis.plot(curves[0]["iteration"], mean_loss, label=results["methods"][method]["label"])
     curve_axis.set_yscale("log")
     curve_axis.set_xlabel("iteration")
-    curve_axis.set_ylabel(f"training loss (mean over {results['config']['seeds']} seed(s))")
+    curve_axis.set_ylabel(f"training loss, MSE (mean over {results['config']['seeds']} seed(s))")
     curve_axis.set_title("MAML: outer MSE after the inner step; pretrained: joint MSE", fontsize="small")
     curve_axis.legend(fontsize="x-small")
 
@@ -419,20 +419,23 @@ def plot(results: dict, path: str) -> None:
             axis.plot(grid, values, "--" if steps == "0" else "-", label=f"after {steps} step{'s' * (steps != '1')}")
         axis.set_title(f"{results['methods'][method]['label']}, seed 0", fontsize="small")
         axis.set_xlabel("x")
+        axis.set_ylabel("y")
         axis.legend(fontsize="x-small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    fig.tight_layout()
+    return fig
 
 
-def write_outputs(results: dict, outdir: str) -> None:
-    """results.json, results.md and maml_sinusoid.png in ``outdir``."""
+def write_outputs(results: dict, outdir: str) -> list[str]:
+    """results.json, results.md and maml_sinusoid.png in ``outdir`` (created); their absolute paths."""
+    outdir = os.path.abspath(outdir)
     os.makedirs(outdir, exist_ok=True)
-    with open(os.path.join(outdir, "results.json"), "w") as f:
+    paths = [os.path.join(outdir, name) for name in ("results.json", "results.md", "maml_sinusoid.png")]
+    with open(paths[0], "w") as f:
         json.dump(results, f, indent=1)
-    with open(os.path.join(outdir, "results.md"), "w") as f:
+    with open(paths[1], "w") as f:
         f.write(markdown_table(results))
-    plot(results, os.path.join(outdir, "maml_sinusoid.png"))
+    figure(results).savefig(paths[2], dpi=90)
+    return paths
 
 
 FAST = {"iterations": 3000, "seeds": 1, "curve_every": 100, "log_every": 500}
@@ -458,7 +461,9 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
     parser.add_argument("--curve_every", type=int, help=f"iterations per loss-curve point (default {defaults.curve_every})")
     parser.add_argument("--log_every", type=int, help=f"iterations per progress line (default {defaults.log_every:,})")
     parser.add_argument(
-        "--outdir", default="maml_sinusoid_results", help="for results.json, results.md and the plot (default %(default)s)"
+        "--outdir", default="maml_sinusoid_results",
+        help="directory for results.json, results.md and the plot, created if needed "
+             "(default %(default)s, in the current directory)",
     )
     parser.add_argument("--fast", action="store_true", help=f"the tests' setting, {FAST}, for the flags not given")
     args = parser.parse_args(argv)
@@ -476,15 +481,19 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, str]:
 
 def main(argv: list[str] | None = None) -> dict:
     config, outdir = parse_config(argv)
+    try:  # checked before the run, not after it: the plot needs matplotlib (not in the core install)
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: maml_sinusoid plots with matplotlib: pip install -e '.[experiments]'") from None
     print(
         f"MAML sinusoid: {config.iterations:,} iterations (the paper: {PAPER_ITERATIONS:,}), "
         f"seeds 0..{config.seeds - 1}, methods {', '.join(config.methods)}, {jax.devices()[0].platform}",
         flush=True,
     )
     results = run(config)
-    write_outputs(results, outdir)
+    paths = write_outputs(results, outdir)
     print(markdown_table(results), end="")
-    print(f"wrote {outdir}/results.json, results.md, maml_sinusoid.png", flush=True)
+    print(f"wrote {', '.join(paths)}", flush=True)
     return results
 
 

@@ -1,5 +1,6 @@
 """What every recipe shares: the relative error it reports, a guard that its problem is not
-degenerate, and the printout of ``python -m fgnet_jax.examples.recipes.<name>``."""
+degenerate, the printout of ``python -m fgnet_jax.examples.recipes.<name>``, and the one-line
+error when a recipe's optional library is missing."""
 
 from __future__ import annotations
 
@@ -37,6 +38,18 @@ def require_second_order_effect(exact, first_order, what: str = "meta-gradient")
     if not effect >= MIN_SECOND_ORDER_EFFECT:
         raise AssertionError(f"degenerate recipe: the first-order {what} is within {effect:.1e} of the exact one")
     return effect
+
+
+def missing_extra(error: ImportError, package: str, library: str, recipe: str, module_name: str) -> None:
+    """Re-raise ``error`` from importing ``package`` as a one-line message naming the extra to
+    install: SystemExit when the recipe runs as a script (``module_name == "__main__"``), else
+    ImportError. An error from inside an installed ``package`` passes unchanged."""
+    if (error.name or "").split(".")[0] != package:
+        raise error
+    message = f"{recipe} needs {library}: pip install -e '.[recipes]'"
+    if module_name == "__main__":
+        raise SystemExit(f"error: {message}") from None
+    raise ImportError(message, name=package) from None
 
 
 def print_report(title: str, errors: dict[str, float], notes: tuple[str, ...] = ()) -> None:

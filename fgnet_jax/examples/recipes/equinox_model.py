@@ -22,14 +22,18 @@ every method, against ``jax.grad`` through those steps written out below over
 
 from __future__ import annotations
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fgnet_jax.examples.recipes._checks import print_report, relative_error, require_second_order_effect
+from fgnet_jax.examples.recipes._checks import missing_extra, print_report, relative_error, require_second_order_effect
 from fgnet_jax.meta import METHODS, meta_value_and_grad
+
+try:
+    import equinox as eqx
+except ImportError as error:  # the recipes extra: a one-line message, not a traceback
+    missing_extra(error, "equinox", "Equinox", "equinox_model", __name__)
 
 INNER_LR = 0.3
 MOMENTUM = 0.9

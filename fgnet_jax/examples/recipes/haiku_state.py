@@ -20,13 +20,17 @@ Checked: :math:`K = 2` plain SGD steps
 
 from __future__ import annotations
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fgnet_jax.examples.recipes._checks import print_report, relative_error, require_second_order_effect
+from fgnet_jax.examples.recipes._checks import missing_extra, print_report, relative_error, require_second_order_effect
 from fgnet_jax.meta import METHODS, meta_value_and_grad
+
+try:
+    import haiku as hk
+except ImportError as error:  # the recipes extra: a one-line message, not a traceback
+    missing_extra(error, "haiku", "Haiku", "haiku_state", __name__)
 
 INNER_LR = 0.4
 INNER_STEPS = 2
