@@ -1,4 +1,4 @@
-"""PyTorch eager baseline of the authors' meta-gradient (needs ``pip install fgnet_jax[torch]``).
+"""PyTorch eager baseline of the authors' meta-gradient (needs ``pip install -e '.[torch]'``).
 
     python -m benchmarks.torch_baseline [--depth 18] [--image_size 96] [--batch 32] [--repeats 3]
 
@@ -44,7 +44,7 @@ def time_authors_meta_gradient(depth: int, image_size: int, batch: int, repeats:
     """Median seconds of the authors' first-order and exact meta-gradient (one warm-up call first)."""
     import torch
 
-    from fgnet_jax.torch_reference import torch_resnet
+    from benchmarks.torch_reference import torch_resnet
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ IMAGE_SIZE = 32  # last stage 1x1: cheap on XLA:CPU (2x2 maps are pathologically
 
 def _torch_resnet(depth: int, num_classes: int):
     pytest.importorskip("torch")
-    from fgnet_jax.torch_reference import torch_resnet
+    from benchmarks.torch_reference import torch_resnet
 
     return torch_resnet(depth, num_classes)
 

@@ -1,7 +1,7 @@
-"""PyTorch reference models (optional: needs ``pip install fgnet_jax[torch]``).
+"""PyTorch reference models (optional: needs ``pip install -e '.[torch]'``).
 
-Used by the converter tests and the PyTorch baseline benchmark; nothing in the library's
-import path imports this module. ``torchvision`` is not needed (it cannot be installed beside
+Used by the converter tests and the PyTorch baseline benchmark, so it lives beside the
+benchmarks, outside the installable package. ``torchvision`` is not needed (it cannot be installed beside
 the CPU torch wheel this project pins): the modules below reproduce torchvision's ResNet
 module tree and state-dict keys.
 """
