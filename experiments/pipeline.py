@@ -58,7 +58,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
         variables, stages["meta_train"] = meta_train.run(ctx, "meta_train", variables, ctx.auxiliary)
         if config.meta_train_selected.steps > 0:
             selected, selection_info = selection.run(ctx, variables, stages["meta_train"]["output_step"])
-            stages[selection.NAME] = {"wall_seconds": selection_info.get("wall_seconds", 0.0), "steps": 0}
+            stages[selection.NAME] = {"wall_seconds": selection_info.get("wall_seconds", 0.0), "steps": 0,
+                                      **{k: v for k, v in selection_info.items() if k == "session"}}
             variables, stages["meta_train_selected"] = meta_train.run(ctx, "meta_train_selected", variables, selected)
         variables, stages[finetune.NAME] = finetune.run(ctx, variables)
 

@@ -82,11 +82,25 @@ def format_summary(summary: dict) -> str:
         f"MetaFGNet on {summary['dataset']} - {summary['model']} - method {summary['method']} - {summary['hardware']}",
         f"{'stage':<22}{'steps':>8}{'wall time':>12}{'best val top-1':>16}{'programs compiled':>19}",
     ]
+    notes = []
     for name, stage in summary["stages"].items():
         val = stage.get("val_accuracy")
         compiled = stage.get("compiled")
-        lines.append(f"{name:<22}{stage['steps']:>8}{_duration(stage['wall_seconds']):>12}"
+        wall = _duration(stage["wall_seconds"])
+        if stage.get("session") == "earlier":  # its time (and compile count) are that run's
+            wall += "*"
+            note = "* completed by an earlier run of this workdir: time and programs compiled are that run's"
+        elif stage.get("resumed_from_step"):
+            wall += "+"
+            note = "+ resumed: the time adds the earlier sessions' (programs compiled: this session's)"
+        else:
+            wall += " "
+            note = None
+        if note and note not in notes:
+            notes.append(note)
+        lines.append(f"{name:<22}{stage['steps']:>8}{wall:>12}"
                      f"{'' if val is None else f'{100 * val:.2f}%':>16}{'' if compiled is None else compiled:>19}")
+    lines.extend(notes)
     selected = summary["selected_fraction"]
     lines.append(f"selected auxiliary fraction: {'-' if selected is None else f'{100 * selected:.1f}%'} "
                  f"of {summary['num_auxiliary']}")

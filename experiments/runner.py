@@ -159,8 +159,8 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
     result_path = os.path.join(directory, "result.json")
     template = spec.initial_state()
     result = read_json(result_path)
-    if result is not None:
-        return _stage_output(checkpointer, template, spec), result
+    if result is not None:  # completed by an earlier invocation: its record, marked as such for the report
+        return _stage_output(checkpointer, template, spec), dict(result, session="earlier")
 
     state, elapsed, start = template, 0.0, 0
     if checkpointer.latest_step() is not None:
@@ -254,7 +254,8 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
     best = checkpointer.best_metrics()
     result = {
         "steps": spec.steps,
-        "wall_seconds": elapsed,
+        "wall_seconds": elapsed,  # every session's, when resumed
+        **({"resumed_from_step": start} if start else {}),
         "best_step": checkpointer.best_step(),
         "val_accuracy": None if best is None else best["val_accuracy"],
         "output_step": spec.output_step if spec.output_step is not None else (checkpointer.best_step() or spec.steps),

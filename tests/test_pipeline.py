@@ -136,6 +136,19 @@ def test_resume_inside_stages_one_four_and_five_matches_uninterrupted(tiny_run, 
     assert interruptions == 3 and not stopper.pending
     for key in ("test_accuracy", "val_accuracy", "selected_fraction", "steps"):
         assert summary[key] == reference_summary[key], key
+    # The final table says which times come from earlier invocations: stages completed before
+    # the last one are marked, fine-tuning (resumed at its step-3 checkpoint) is marked resumed.
+    earlier = {"auxiliary_pretrain", "meta_train", "selection", "meta_train_selected"}
+    assert {name for name, stage in summary["stages"].items() if stage.get("session") == "earlier"} == earlier
+    assert summary["stages"]["finetune"]["resumed_from_step"] == 3
+    assert all("session" not in stage and "resumed_from_step" not in stage
+               for stage in reference_summary["stages"].values())
+    table = pipeline.format_summary(summary).splitlines()
+    walls = {line.split()[0]: line.split()[2] for line in table[2:2 + len(summary["stages"])]}
+    assert {name for name, wall in walls.items() if wall.endswith("*")} == earlier
+    assert walls["finetune"].endswith("+")
+    assert any(line.startswith("* completed by an earlier run") for line in table)
+    assert any(line.startswith("+ resumed") for line in table)
     for stage in ("auxiliary_pretrain", "meta_train_selected", "finetune"):
         expected = json.loads((reference_dir / stage / "result.json").read_text())
         assert json.loads((tmp_path / stage / "result.json").read_text())["output_step"] == expected["output_step"]

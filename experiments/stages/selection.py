@@ -77,6 +77,7 @@ def run(ctx: Context, variables: dict, source_step: int) -> tuple[Any, dict]:
                                       value=config.selection.value, auxiliary_ids=ids)
     distributed.barrier("selection: lookup")  # every process sees the same selection directory
     existing = selection_lib.load_selection(ctx.workdir, tag)
+    made_earlier = existing is not None  # by an earlier invocation: its info (time included) is that run's
     started = time.time()
     if existing is None:
         scored_ids, scores = score_auxiliary(ctx, params, stats)
@@ -95,4 +96,5 @@ def run(ctx: Context, variables: dict, source_step: int) -> tuple[Any, dict]:
     if not existing["selected"]:
         raise UsageError(f"selection kept no auxiliary image ({config.selection.criterion}={config.selection.value}); "
                          "loosen config.selection")
-    return ctx.auxiliary.select(existing["selected"]), existing["info"]
+    return ctx.auxiliary.select(existing["selected"]), dict(existing["info"], **({"session": "earlier"}
+                                                                              if made_earlier else {}))
