@@ -104,6 +104,7 @@ class LineProgress:
         self._start_time = time.time()
         self._rate_from: tuple[float, int] | None = None  # (time, n) after the first step
         self._last_print = self._start_time
+        self._status: str | None = None  # what a stall is (e.g. compiling), until the next step
 
     def __enter__(self):
         return self
@@ -114,8 +115,16 @@ class LineProgress:
     def set_postfix(self, refresh: bool = True, **values) -> None:
         self.postfix.update({k: str(v) for k, v in values.items()})
 
+    def show_status(self, status: str) -> None:
+        """Print the line now with ``status`` (what the next, long wait is), until the next step."""
+        self._status = status
+        if self.enabled:
+            self._last_print = time.time()
+            print(self.line(self._last_print), file=self.file, flush=True)
+
     def update(self, n: int = 1) -> None:
         self.n += n
+        self._status = None
         now = time.time()
         if self._rate_from is None:
             self._rate_from = (now, self.n)
@@ -132,12 +141,27 @@ class LineProgress:
             if self.n < self.total:
                 parts.append(f"left ~{_clock((self.total - self.n) / rate)}")
         parts += [f"{k}={v}" for k, v in self.postfix.items()]
+        if self._status:
+            parts.append(self._status)
         return "  ".join(parts)
 
 
 def _clock(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     return f"{minutes}:{seconds:02d}" if minutes < 60 else f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
+
+
+# Shown while a session's first step runs: it compiles the step (or loads it from the
+# persistent cache), which can take minutes with no step finishing.
+FIRST_STEP_STATUS = "compiling the step (or loading it from the cache)"
+
+
+def show_status(bar, status: str) -> None:
+    """``status`` on the progress line now: :class:`LineProgress` prints it, tqdm shows it."""
+    if isinstance(bar, LineProgress):
+        bar.show_status(status)
+    else:
+        bar.set_postfix_str(status, refresh=True)
 
 
 def progress(stage: str, total: int, initial: int, enabled: bool, file=None):
@@ -208,6 +232,8 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
             batch = parallel.put_batch(_device_batch(next(stream)))
             if steady_from is not None:
                 input_wait += time.perf_counter() - waiting
+            if steady_from is None:  # the session's first step: a compile stall, said as such
+                show_status(bar, FIRST_STEP_STATUS)
             replicated, metrics = spec.step_fn(replicated, batch)
             if steady_from is None:
                 jax.block_until_ready(replicated)

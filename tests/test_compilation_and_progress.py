@@ -82,3 +82,15 @@ def test_progress_off_a_terminal_is_plain_lines():
     assert stream.getvalue().count("\n") <= 1
     bar.update(1)
     assert stream.getvalue().splitlines()[-1].startswith("stage: 1000/1000")
+
+
+def test_a_compile_stall_shows_as_compiling_until_the_step_ends():
+    """The runner announces the first step's compilation on the progress line at once (no
+    step has ended, so no interval line would come), and the next line no longer says it."""
+    stream = io.StringIO()
+    with runner.progress("meta_train", 3, 0, True, file=stream) as bar:
+        runner.show_status(bar, runner.FIRST_STEP_STATUS)
+        assert stream.getvalue().splitlines() == [f"meta_train: 0/3  elapsed 0:00  {runner.FIRST_STEP_STATUS}"]
+        for _ in range(3):
+            bar.update(1)
+    assert "compiling" not in stream.getvalue().splitlines()[-1]

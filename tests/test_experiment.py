@@ -12,6 +12,7 @@ command line honest.
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,6 +129,8 @@ def test_demo_output_is_plain_lines_and_compiles_each_step_once(reference_run):
     # Not a terminal: a progress line per interval, no carriage returns or escape codes.
     assert "\r" not in stderr and "\x1b[" not in stderr and "\r" not in stdout
     assert "meta_train: 8/8" in stderr
+    # The first step of each stage is announced as a compile stall before it runs.
+    assert re.search(r"^meta_train: 0/8  elapsed \d+:\d\d  compiling the step", stderr, re.MULTILINE), stderr[:2000]
     assert "Downloading" not in stdout + stderr  # TFDS only reads the generated archive
     assert "absl::InitializeLog" not in stderr and "oneDNN" not in stderr  # TensorFlow's start-up lines
     # A fresh cache: stage 4 runs stage 2's compiled step (same shapes and settings) and the
