@@ -149,6 +149,16 @@ def import_tensorflow_quietly() -> None:
             sys.stderr.flush()
 
 
+def set_up_tensorflow() -> None:
+    """TensorFlow as the input pipeline needs it, set up once by an entry point (never on
+    import): imported without its start-up log lines, and kept off GPUs and TPUs (tf.data runs
+    on the host; the accelerators stay JAX's)."""
+    import_tensorflow_quietly()
+    from fgnet_jax.data import hide_accelerators_from_tensorflow
+
+    hide_accelerators_from_tensorflow()
+
+
 def _without_log_records(text: str, severities: str) -> str:
     """``text`` without the absl records of these severities (with their continuation lines),
     and without absl's preamble when no record is left."""
@@ -236,15 +246,12 @@ def main(argv) -> None:
     except distributed.DistributedError as error:
         _fail(str(error))
 
-    import_tensorflow_quietly()  # before the data pipeline imports it
+    set_up_tensorflow()  # before the data pipeline imports it
     # Imported here: JAX must not start before --simulate_cpu_devices/--cpu_convolutions are applied.
     import jax
 
     from experiments import pipeline
     from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError, require_target_files
-    from fgnet_jax.data import hide_accelerators_from_tensorflow
-
-    hide_accelerators_from_tensorflow()  # the input pipeline runs on the host: GPUs/TPUs stay JAX's
 
     try:
         if not _DEMO.value:  # no data at all: say first where the target dataset goes (and --demo)

@@ -445,14 +445,11 @@ def main(argv) -> None:
     if _FAST.value:
         fast_config(config)
 
-    cub_200.import_tensorflow_quietly()  # before the data pipeline imports it
+    cub_200.set_up_tensorflow()  # before the data pipeline imports it
     import jax
 
     from experiments import pipeline
     from fgnet_jax.data import CorruptImageError, DatasetFormatError, DatasetNotFoundError
-    from fgnet_jax.data import hide_accelerators_from_tensorflow
-
-    hide_accelerators_from_tensorflow()  # the input pipeline runs on the host: GPUs/TPUs stay JAX's
 
     root = os.path.abspath(cub_200._WORKDIR.value)
     if demo:
