@@ -153,7 +153,7 @@ def merge_eval_slices(local: np.ndarray, num_batches: int) -> np.ndarray:
 
     ``local`` holds this process's values of ``num_batches`` global batches, its slice of
     each batch after another (length ``num_batches * L``). Process ``r``'s slice of batch
-    ``b`` is positions ``[b G + r L, b G + (r + 1) L)`` (fgnet_jax.data.pipeline), so the
+    ``b`` is positions ``[b G + r L, b G + (r + 1) L)`` (fgnet_jax.data.streams), so the
     gathered ``[P, num_batches, L]`` array transposed to ``[num_batches, P, L]`` is the
     global order. Returns the flat global array (padding included) on every process.
     """

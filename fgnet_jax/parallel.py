@@ -163,7 +163,7 @@ class DataParallel:
         if kind == "shard_map":
             devices = jax.devices() if devices is None else devices
             # Process-major order: process r's devices hold rows [r L, (r + 1) L) of a global
-            # batch, the order in which the input pipeline splits it (fgnet_jax.data.pipeline).
+            # batch, the order in which the input pipeline splits it (fgnet_jax.data.streams).
             devices = sorted(devices, key=lambda d: (d.process_index, d.id))
             self.mesh = Mesh(np.asarray(devices), (axis_name,))
             self.num_devices = len(devices)

@@ -90,7 +90,7 @@ def test_bbox_label_name_and_image_match_files(folder_build):
     cub_root, target, root = folder_build
     index, _ = read_index_files(cub_root)
     by_path = {p: (name, box) for p, name, _, box in index.values()}
-    prepared = data.loaders.find_prepared(root / "tfds", "cub_200_2011")
+    prepared = data.registry.find_prepared(root / "tfds", "cub_200_2011")
     test_split = tfds.builder_from_directory(prepared).as_data_source("test")
     for example in [test_split[i] for i in range(3)]:
         path = example["id"].decode()

@@ -71,7 +71,7 @@ def test_index_cache_is_reused_and_invalidated(folder, tmp_path, monkeypatch):
     def no_check(*args, **kwargs):
         raise AssertionError("a valid cache must not re-read the images")
 
-    monkeypatch.setattr(data.folder, "_check_file", no_check)
+    monkeypatch.setattr(data.image_folder, "file_problem", no_check)
     again = data.index_image_folder(folder, cache_dir=cache)
     np.testing.assert_array_equal(first.ids, again.ids)
     np.testing.assert_array_equal(first.labels, again.labels)

@@ -10,7 +10,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fgnet_jax import data
-from fgnet_jax.data import pipeline
+from fgnet_jax.data import preprocessing
 
 tfds.disable_progress_bar()
 
@@ -68,7 +68,7 @@ def test_train_augmentation_shape_range_and_seed_dependence(fmt):
 def test_random_resized_crop_window_follows_torchvision_ranges():
     height, width = 300, 400
     windows = np.asarray([
-        [int(v) for v in pipeline.random_resized_crop_window(height, width, tf.constant([0, s], tf.int64))]
+        [int(v) for v in preprocessing.random_resized_crop_window(height, width, tf.constant([0, s], tf.int64))]
         for s in range(400)
     ])
     top, left, crop_h, crop_w = windows.T
@@ -88,7 +88,7 @@ def test_random_resized_crop_window_follows_torchvision_ranges():
 def test_random_resized_crop_falls_back_to_clamped_centre_crop():
     # A 10 x 1000 strip: no crop of >= 8% area with aspect <= 4/3 fits, so the whole height is
     # used with the widest allowed aspect, centred.
-    top, left, crop_h, crop_w = (int(v) for v in pipeline.random_resized_crop_window(10, 1000, tf.constant([1, 2], tf.int64)))
+    top, left, crop_h, crop_w = (int(v) for v in preprocessing.random_resized_crop_window(10, 1000, tf.constant([1, 2], tf.int64)))
     assert (crop_h, crop_w) == (10, 13)
     assert (top, left) == (0, (1000 - 13) // 2)
 
@@ -114,7 +114,7 @@ def test_resize_random_crop_window_is_the_random_crop_of_the_resized_image():
     side at a uniform offset over the whole free range."""
     height, width = 300, 400
     windows = np.asarray([
-        [int(v) for v in pipeline.random_square_crop_window(height, width, tf.constant([0, s], tf.int64))]
+        [int(v) for v in preprocessing.random_square_crop_window(height, width, tf.constant([0, s], tf.int64))]
         for s in range(300)
     ])
     top, left, crop_h, crop_w = windows.T
@@ -131,7 +131,7 @@ def test_resize_random_crop_matches_resize_then_crop(fmt):
     size, seed = 56, tf.constant([5, 6], tf.int64)
     image = data.preprocess_train(tf.constant(encode(pixels, fmt)), seed, size, "resize_random_crop").numpy()
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    top, left, side, _ = (int(v) for v in pipeline.random_square_crop_window(120, 160, crop_seed))
+    top, left, side, _ = (int(v) for v in preprocessing.random_square_crop_window(120, 160, crop_seed))
     reference = Image.fromarray(pixels[top:top + side, left:left + side]).resize((size, size), Image.BILINEAR)
     reference = (np.asarray(reference, np.float32) / 255 - MEAN) / STD
     if float(tf.random.stateless_uniform([], flip_seed)) < 0.5:

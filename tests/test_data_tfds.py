@@ -1,5 +1,6 @@
 """Stock TFDS builders fed with synthetic manual files: imagenet2012 (auxiliary), stanford_dogs (target)."""
 
+import os
 import sys
 
 import numpy as np
@@ -19,7 +20,7 @@ def imagenet_files(tmp_path_factory):
     return root
 
 
-def test_imagenet_auxiliary_from_manual_tars(imagenet_files):
+def test_imagenet_auxiliary_from_manual_tars(imagenet_files, monkeypatch):
     root = imagenet_files
     with pytest.raises(data.CorruptImageError, match="n01443537_2.JPEG"):
         data.load_auxiliary("imagenet2012", data_dir=root / "tfds", manual_dir=root / "manual")
@@ -30,10 +31,26 @@ def test_imagenet_auxiliary_from_manual_tars(imagenet_files):
     assert len(source) == 11 and len(set(source.ids)) == 11
     for example_id, label in zip(source.ids, source.labels):
         assert example_id.split("_")[0] == source.class_names[label]
-    # The (id, label) index is cached under data_dir and reused.
-    assert list((root / "tfds" / "fgnet_jax_index").glob("imagenet2012-*-train-*.npz"))
+    # The (id, label) index is cached under data_dir and reused: no second pass over the split.
+    cached = list((root / "tfds" / "fgnet_jax_index").glob("imagenet2012-*-train-*.npz"))
+    assert len(cached) == 1
+    passes = []
+    index_split = data.tfds_split._index_split
+    monkeypatch.setattr(data.tfds_split, "_index_split", lambda *args, **kwargs: passes.append(1) or index_split(
+        *args, **kwargs))
     again = data.load_auxiliary("imagenet2012", data_dir=root / "tfds", on_corrupt="skip")
+    assert passes == []
     np.testing.assert_array_equal(again.ids, source.ids)
+    np.testing.assert_array_equal(again.labels, source.labels)
+    np.testing.assert_array_equal(again.record_indices, source.record_indices)
+    assert again.skipped == source.skipped
+    # A re-prepared dataset (a newer dataset_info.json) is indexed again, into the same cache file.
+    info = next((root / "tfds" / "imagenet2012").glob("*/dataset_info.json"))
+    os.utime(info, ns=(info.stat().st_atime_ns, info.stat().st_mtime_ns + 10**9))
+    data.load_auxiliary("imagenet2012", data_dir=root / "tfds", on_corrupt="skip")
+    assert passes == [1]
+    assert list((root / "tfds" / "fgnet_jax_index").glob("imagenet2012-*-train-*.npz")) == cached
+    monkeypatch.undo()
     # Skipped records are never read by a stream: one epoch sees exactly the kept ids.
     stream = data.auxiliary_stream(source, seed=0, per_device_batch=11, image_size=32, local_devices=1,
                                    process_index=0, process_count=1, num_steps=1, include_ids=True)

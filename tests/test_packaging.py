@@ -154,7 +154,7 @@ def test_importing_any_module_changes_no_process_wide_state():
     assert child.returncode == 0, child.stderr[-3000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
     # Every module was seen (a walk that found nothing would pass), the core ones imported.
-    assert {"fgnet_jax.meta", "fgnet_jax.data.pipeline", "fgnet_jax.selection", "fgnet_jax.cpu_devices",
+    assert {"fgnet_jax.meta", "fgnet_jax.data.streams", "fgnet_jax.selection", "fgnet_jax.cpu_devices",
             "experiments.cub_200", "experiments.study", "experiments.stages.meta_train"} <= set(report)
     assert all("skipped" not in report[name] for name in CORE_MODULES)
     changed = {name: what for name, what in report.items() if what and "skipped" not in what}
@@ -174,3 +174,23 @@ def test_the_experiment_entry_point_keeps_tensorflow_off_the_accelerators(tmp_pa
                               "--config.meta.method=second_order"])
     assert exit_info.value.code == 2 and "config.meta.method='second_order'" in capsys.readouterr().err
     assert calls == ["hidden"]
+
+
+def test_only_the_library_is_installed_and_experiments_run_from_the_checkout(tmp_path):
+    """The installed distribution's one top-level package is ``fgnet_jax``: ``experiments`` (a
+    name any project may use) is not installed; it runs from the repository root, as the
+    README's commands do."""
+    import importlib.metadata
+
+    assert importlib.metadata.distribution("fgnet_jax").read_text("top_level.txt").split() == ["fgnet_jax"]
+    program = ("import importlib.util, json\n"
+               "spec = importlib.util.find_spec('experiments')\n"
+               "print(json.dumps([getattr(spec, 'origin', None), importlib.util.find_spec('fgnet_jax').origin]))")
+    for cwd in (tmp_path, ROOT):
+        child = subprocess.run([sys.executable, "-c", program], env=child_env(), cwd=cwd, capture_output=True,
+                               text=True, timeout=120)
+        assert child.returncode == 0, child.stderr[-2000:]
+        experiments_origin, library_origin = json.loads(child.stdout.strip().splitlines()[-1])
+        assert pathlib.Path(library_origin).is_relative_to(ROOT)
+        in_checkout = experiments_origin is not None and pathlib.Path(experiments_origin).is_relative_to(ROOT)
+        assert in_checkout == (cwd == ROOT), (cwd, experiments_origin)

@@ -13,6 +13,24 @@ Typical use::
 
 Missing files raise :class:`DatasetNotFoundError` with a one-line message; see docs/data.md.
 
+The modules, by concern (each imports only those above it; docs/architecture.md):
+
+=========================  =====================================================================
+``errors``, ``images``     exceptions; checking encoded images (``verify``, ``on_corrupt``)
+``registry``               the known datasets, their files, default directories
+``preparation``, ``cub``   building TFDS datasets from the user's files (CUB's own builder),
+                           ArrayRecord copies of TFRecord-only preparations
+``readers``                the on-disk formats read by index: image files, ArrayRecord records
+``index_cache``            the one cache of example indexes (folders and TFDS splits)
+``sources``, ``splits``    :class:`ImageSource` (a labelled random-access collection), hold-outs
+``image_folder``,          the two kinds of dataset on disk as sources: ``root/<class>/<image>``
+``tfds_split``             folders and prepared TFDS splits
+``datasets``               the entry points :func:`load_target` and :func:`load_auxiliary`
+``preprocessing``          decode, crop, augment, normalise (TensorFlow graph ops)
+``streams``                deterministic batch plans and the tf.data streams
+``synthetic``              the demo's generated datasets
+=========================  =====================================================================
+
 Importing the package changes no process-wide setting. A program that may run on GPUs or TPUs
 calls :func:`hide_accelerators_from_tensorflow` once at start-up, before the first stream is
 built, so that TensorFlow (tf.data and tf.image, on the host) leaves them to JAX
@@ -24,22 +42,22 @@ from fgnet_jax.data import _compat
 _compat.import_tensorflow_without_keras()
 
 from fgnet_jax.data._compat import hide_accelerators_from_tensorflow  # noqa: E402
+from fgnet_jax.data.datasets import TargetData, load_auxiliary, load_target  # noqa: E402
 from fgnet_jax.data.errors import CorruptImageError, DatasetFormatError, DatasetNotFoundError  # noqa: E402
-from fgnet_jax.data.folder import index_image_folder, load_image_folder  # noqa: E402
-from fgnet_jax.data.loaders import (  # noqa: E402
-    AUXILIARY_DATASETS,
-    TARGET_DATASETS,
-    TargetData,
-    load_auxiliary,
-    load_target,
-    load_tfds_split,
-    prepare_tfds,
-    require_target_files,
-)
-from fgnet_jax.data.pipeline import (  # noqa: E402
+from fgnet_jax.data.image_folder import index_image_folder, load_image_folder  # noqa: E402
+from fgnet_jax.data.preparation import prepare_tfds, require_target_files  # noqa: E402
+from fgnet_jax.data.preprocessing import (  # noqa: E402
     AUGMENTATIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    preprocess_eval,
+    preprocess_train,
+)
+from fgnet_jax.data.registry import AUXILIARY_DATASETS, TARGET_DATASETS  # noqa: E402
+from fgnet_jax.data.sources import ImageSource  # noqa: E402
+from fgnet_jax.data.splits import split_validation, stratified_holdout  # noqa: E402
+from fgnet_jax.data.tfds_split import load_tfds_split  # noqa: E402
+from fgnet_jax.data.streams import (  # noqa: E402
     BatchLayout,
     auxiliary_stream,
     default_layout,
@@ -47,12 +65,8 @@ from fgnet_jax.data.pipeline import (  # noqa: E402
     meta_train_dataset,
     meta_train_stream,
     num_eval_batches,
-    preprocess_eval,
-    preprocess_train,
     supervised_stream,
 )
-from fgnet_jax.data.sources import ImageSource  # noqa: E402
-from fgnet_jax.data.splits import split_validation, stratified_holdout  # noqa: E402
 from fgnet_jax.data.synthetic import (  # noqa: E402
     write_synthetic_cub,
     write_synthetic_image_folder,

@@ -1,22 +1,29 @@
 """Checking encoded images before they enter a dataset.
 
 A truncated or corrupt file must never silently become a training example (or silently vanish):
-builders and folder indexers call :func:`inspect_image` on every file and then either stop with a
-:class:`CorruptImageError` naming the file or skip it and report the count, per the caller's
-``on_corrupt`` policy.
+builders and indexers (image folders, TFDS splits) call :func:`inspect_image` (or
+:func:`image_problem`) on every file and then either stop with a :class:`CorruptImageError`
+naming the file or skip it and report the count, per the caller's ``on_corrupt`` policy
+(:func:`sort_out`).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 from PIL import Image
 
 from fgnet_jax.data.errors import CorruptImageError
 
+log = logging.getLogger(__name__)
+
 ON_CORRUPT_POLICIES = ("error", "skip")
+# How much of each image an indexer checks: everything, the header only, nothing.
+VERIFY_MODES = ("decode", "header", "none")
 
 # Formats whose bytes TensorFlow (>= 2.17) decode_image reads as 8-bit RGB(A)/grey: stored as
 # they are. Anything else PIL reads (TIFF, 16-bit PNG, ...) is re-encoded once as 8-bit RGB PNG
@@ -43,6 +50,12 @@ def check_on_corrupt(on_corrupt: str) -> str:
     if on_corrupt not in ON_CORRUPT_POLICIES:
         raise ValueError(f"on_corrupt must be one of {ON_CORRUPT_POLICIES}, got {on_corrupt!r}")
     return on_corrupt
+
+
+def check_verify(verify: str) -> str:
+    if verify not in VERIFY_MODES:
+        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    return verify
 
 
 def inspect_image(data: bytes, name: str, *, decode: bool = True) -> ImageInfo:
@@ -74,3 +87,34 @@ def inspect_image(data: bytes, name: str, *, decode: bool = True) -> ImageInfo:
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return ImageInfo(width, height, fmt, buffer.getvalue())
+
+
+def image_problem(data: bytes, name: str, verify: str) -> CorruptImageError | None:
+    """What is wrong with an image an indexer would hand to TensorFlow as it is, or None.
+
+    ``verify="decode"`` decodes it, ``"header"`` reads only its header. An image that PIL
+    reads but TensorFlow's decoders cannot (TIFF, 16-bit PNG, ...) is a problem too: indexers
+    never rewrite stored files (builders do, through :func:`inspect_image`'s ``data``).
+    """
+    try:
+        info = inspect_image(data, name, decode=verify == "decode")
+    except CorruptImageError as error:
+        return error
+    if info.data is not data:
+        return CorruptImageError(f"unsupported image format {info.format} in {name}; convert it to JPEG")
+    return None
+
+
+def sort_out(names: Sequence[str], problems: Iterable[CorruptImageError | None], on_corrupt: str) -> list[bool]:
+    """Which of ``names`` to keep, given each one's problem (or None).
+
+    ``on_corrupt="error"`` raises the first problem; ``"skip"`` logs each and marks it False.
+    """
+    keep = []
+    for name, problem in zip(names, problems, strict=True):
+        if problem is not None:
+            if on_corrupt == "error":
+                raise problem
+            log.warning("skipping %s", problem)
+        keep.append(problem is None)
+    return keep

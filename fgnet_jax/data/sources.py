@@ -1,81 +1,21 @@
 """Random-access image collections: the one thing every input stream reads.
 
 An :class:`ImageSource` is a list of examples ``0..N-1``, each with a stable string id, an int32
-label and encoded image bytes that can be fetched by index. Random access is what makes a stream
-a pure function of (seed, step): the examples of any batch are computed from the seed and the
-batch number, then fetched directly, so resuming at step k needs no replay of steps 0..k-1.
-
-Two readers provide the bytes:
-
-* :class:`FileReader`: one file per example (image-folder sets such as L-Bird). The files are read
-  as they are, so a set of millions of images is not copied into record files (which would double
-  its storage) and is usable as soon as it is indexed.
-* :class:`ArrayRecordReader`: a TFDS dataset prepared in the ArrayRecord format (random access by
-  index). Serialized ``tf.train.Example`` records are fetched in Python (cheap) and parsed and
-  decoded inside the tf.data graph (parallel, outside the GIL).
+label and encoded image bytes that can be fetched by index (through a reader of
+:mod:`fgnet_jax.data.readers`). Random access is what makes a stream a pure function of
+(seed, step): the examples of any batch are computed from the seed and the batch number, then
+fetched directly, so resuming at step k needs no replay of steps 0..k-1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import numpy as np
 
-
-class FileReader:
-    """Examples are image files ``root/<relative path>``; ``fetch`` returns their paths, which the
-    pipeline reads inside the tf.data graph."""
-
-    payload = "path"
-
-    def __init__(self, relative_paths: Sequence[str], root: str | os.PathLike = ""):
-        self.relative_paths = np.asarray(relative_paths, dtype=object)
-        self.root = os.fspath(root)
-
-    def __len__(self) -> int:
-        return len(self.relative_paths)
-
-    def fetch(self, record_indices: np.ndarray) -> np.ndarray:
-        return np.asarray(
-            [os.path.join(self.root, p).encode() for p in self.relative_paths[record_indices]], dtype=object
-        )
-
-
-class ArrayRecordReader:
-    """Examples are serialized ``tf.train.Example`` records of a TFDS split in ArrayRecord files.
-
-    ``image_key`` is the record's feature key holding the encoded image (TFDS flattens nested
-    feature names with ``/``).
-    """
-
-    payload = "tf_example"
-
-    def __init__(self, dataset_dir: str, split: str, image_key: str = "image"):
-        import tensorflow_datasets as tfds
-
-        self.dataset_dir = str(dataset_dir)
-        self.split = split
-        self.image_key = image_key
-        builder = tfds.builder_from_directory(self.dataset_dir)
-        self._source = builder.as_data_source(
-            split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES, file_format="array_record"
-        )
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def fetch(self, record_indices: np.ndarray) -> np.ndarray:
-        records = self._source.__getitems__([int(i) for i in record_indices])
-        return np.asarray(records, dtype=object)
-
-    def __getstate__(self):
-        return {"dataset_dir": self.dataset_dir, "split": self.split, "image_key": self.image_key}
-
-    def __setstate__(self, state):
-        self.__init__(**state)
+from fgnet_jax.data.readers import ArrayRecordReader, FileReader
 
 
 def stable_hash(*parts: object) -> int:

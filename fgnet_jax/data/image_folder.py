@@ -15,22 +15,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
+from fgnet_jax.data import index_cache
 from fgnet_jax.data.errors import CorruptImageError, DatasetNotFoundError
-from fgnet_jax.data.images import IMAGE_EXTENSIONS, check_on_corrupt, inspect_image
-from fgnet_jax.data.sources import FileReader, ImageSource
+from fgnet_jax.data.images import IMAGE_EXTENSIONS, check_on_corrupt, check_verify, image_problem, sort_out
+from fgnet_jax.data.readers import FileReader
+from fgnet_jax.data.sources import ImageSource
 
 log = logging.getLogger(__name__)
-
-VERIFY_MODES = ("decode", "header", "none")
-_INDEX_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,22 +55,13 @@ def _class_folders(root: Path) -> list[os.DirEntry]:
     return folders
 
 
-def _signature(root: Path, folders: list[os.DirEntry], verify: str, on_corrupt: str) -> dict:
-    # A file added to or removed from a class folder changes that folder's mtime.
-    return {
-        "format": _INDEX_FORMAT,
-        "root": str(root.resolve()),
-        "verify": verify,
-        "on_corrupt": on_corrupt,
-        "folders": [[e.name, e.stat().st_mtime_ns] for e in folders],
-    }
-
-
-def _check_file(path: Path, relative: str, verify: str) -> None:
-    data = path.read_bytes()
-    info = inspect_image(data, str(path), decode=verify == "decode")
-    if info.data is not data:  # PIL reads it but TensorFlow's decoders cannot: not usable as is
-        raise CorruptImageError(f"unsupported image format {info.format} in {path}; convert it to JPEG")
+def file_problem(path: Path, verify: str) -> CorruptImageError | None:
+    """What is wrong with the image file at ``path`` (unreadable, corrupt, unsupported), or None."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        return CorruptImageError(f"unreadable image {path}: {error}")
+    return image_problem(data, str(path), verify)
 
 
 def index_image_folder(
@@ -93,22 +81,23 @@ def index_image_folder(
         file then stops training with TensorFlow's decode error).
       on_corrupt: "error" raises CorruptImageError naming the first bad file; "skip" leaves bad
         files out, logs them and lists them in ``skipped``.
-      cache_dir: if given, the index is stored there and reused while no class folder changed.
+      cache_dir: if given, the index is stored there (:mod:`fgnet_jax.data.index_cache`) and
+        reused while no class folder changed.
       num_threads: threads for checking (PIL releases the GIL while decoding); default: CPUs.
     """
-    if verify not in VERIFY_MODES:
-        raise ValueError(f"verify must be one of {VERIFY_MODES}, got {verify!r}")
+    check_verify(verify)
     check_on_corrupt(on_corrupt)
     root = Path(root)
     folders = _class_folders(root)
-    signature = _signature(root, folders, verify, on_corrupt)
+    identity = {"kind": "image_folder", "root": str(root.resolve()), "verify": verify, "on_corrupt": on_corrupt}
+    # A file added to or removed from a class folder changes that folder's mtime.
+    signature = index_cache.signature(identity, {"folders": [[e.name, e.stat().st_mtime_ns] for e in folders]})
     cache_file = None
     if cache_dir is not None:
-        key = hashlib.sha256(json.dumps(signature["root"]).encode()).hexdigest()[:16]
-        cache_file = Path(cache_dir) / f"image_folder-{root.name}-{key}.npz"
-        cached = _load_cache(cache_file, signature)
+        cache_file = index_cache.cache_file(cache_dir, f"image_folder-{root.name}", identity)
+        cached = index_cache.load(cache_file, signature)
         if cached is not None:
-            return cached
+            return FolderIndex(cached.class_names, cached.ids, cached.labels, cached.skipped)
 
     class_names = tuple(e.name for e in folders)
     ids, labels = [], []
@@ -121,72 +110,20 @@ def index_image_folder(
         ids.extend(f"{entry.name}/{name}" for name in names)
         labels.extend([label] * len(names))
 
-    skipped: list[str] = []
+    keep = [True] * len(ids)
     if verify != "none" and ids:
         with concurrent.futures.ThreadPoolExecutor(num_threads or os.cpu_count() or 1) as pool:
-            checks = pool.map(lambda rel: _try_check(root / rel, rel, verify), ids)
-            for relative, error in zip(ids, checks):
-                if error is None:
-                    continue
-                if on_corrupt == "error":
-                    raise error
-                log.warning("skipping %s", error)
-                skipped.append(relative)
+            keep = sort_out(ids, pool.map(lambda relative: file_problem(root / relative, verify), ids), on_corrupt)
+    skipped = tuple(i for i, kept in zip(ids, keep) if not kept)
     if skipped:
-        bad = set(skipped)
-        keep = [i for i, relative in enumerate(ids) if relative not in bad]
-        ids = [ids[i] for i in keep]
-        labels = [labels[i] for i in keep]
+        ids = [i for i, kept in zip(ids, keep) if kept]
+        labels = [label for label, kept in zip(labels, keep) if kept]
         log.warning("%s: skipped %d unreadable image(s)", root, len(skipped))
-    index = FolderIndex(class_names, np.asarray(ids, dtype=object), np.asarray(labels, dtype=np.int32), tuple(skipped))
+    index = FolderIndex(class_names, np.asarray(ids, dtype=object), np.asarray(labels, dtype=np.int32), skipped)
     if cache_file is not None:
-        _save_cache(cache_file, signature, index)
+        index_cache.save(cache_file, signature, index_cache.ExampleIndex(
+            index.ids, index.labels, np.arange(len(index.ids), dtype=np.int64), index.skipped, index.class_names))
     return index
-
-
-def _try_check(path: Path, relative: str, verify: str) -> CorruptImageError | None:
-    try:
-        _check_file(path, relative, verify)
-    except CorruptImageError as error:
-        return error
-    except OSError as error:
-        return CorruptImageError(f"unreadable image {path}: {error}")
-    return None
-
-
-def _load_cache(cache_file: Path, signature: dict) -> FolderIndex | None:
-    try:
-        with np.load(cache_file, allow_pickle=False) as data:
-            if json.loads(str(data["signature"])) != signature:
-                return None
-            ids = bytes(data["ids"]).decode("utf-8").split("\n") if data["ids"].size else []
-            return FolderIndex(
-                tuple(data["class_names"].tolist()),
-                np.asarray(ids, dtype=object),
-                data["labels"].astype(np.int32),
-                tuple(data["skipped"].tolist()),
-            )
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _save_cache(cache_file: Path, signature: dict, index: FolderIndex) -> None:
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_suffix(f".tmp{os.getpid()}.npz")
-        np.savez(
-            temporary,
-            signature=json.dumps(signature),
-            class_names=np.asarray(index.class_names, dtype=str),
-            # One newline-joined UTF-8 blob: a fixed-width str array of millions of paths would
-            # take ~4 bytes per character of the longest path for every entry.
-            ids=np.frombuffer("\n".join(index.ids.tolist()).encode("utf-8"), dtype=np.uint8),
-            labels=index.labels,
-            skipped=np.asarray(index.skipped, dtype=str),
-        )
-        os.replace(temporary, cache_file)
-    except OSError as error:  # a read-only cache location only costs a rescan next time
-        log.warning("could not cache the folder index in %s: %s", cache_file, error)
 
 
 def load_image_folder(
