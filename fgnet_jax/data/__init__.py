@@ -13,21 +13,22 @@ Typical use::
 
 Missing files raise :class:`DatasetNotFoundError` with a one-line message; see docs/data.md.
 
-The modules, by concern (each imports only those above it; docs/architecture.md):
+The modules, by concern (each imports only those above it: docs/architecture.md,
+tests/test_architecture.py):
 
 =========================  =====================================================================
 ``errors``, ``images``     exceptions; checking encoded images (``verify``, ``on_corrupt``)
-``registry``               the known datasets, their files, default directories
-``preparation``, ``cub``   building TFDS datasets from the user's files (CUB's own builder),
-                           ArrayRecord copies of TFRecord-only preparations
+``cub``, ``registry``      CUB's own TFDS builder; the known datasets, their files, default folders
+``preparation``            building TFDS datasets from the user's files, ArrayRecord copies of
+                           TFRecord-only preparations
 ``readers``                the on-disk formats read by index: image files, ArrayRecord records
 ``index_cache``            the one cache of example indexes (folders and TFDS splits)
 ``sources``, ``splits``    :class:`ImageSource` (a labelled random-access collection), hold-outs
+``preprocessing``          decode, crop, augment, normalise (TensorFlow graph ops)
+``streams``                deterministic batch plans and the tf.data streams
 ``image_folder``,          the two kinds of dataset on disk as sources: ``root/<class>/<image>``
 ``tfds_split``             folders and prepared TFDS splits
 ``datasets``               the entry points :func:`load_target` and :func:`load_auxiliary`
-``preprocessing``          decode, crop, augment, normalise (TensorFlow graph ops)
-``streams``                deterministic batch plans and the tf.data streams
 ``synthetic``              the demo's generated datasets
 =========================  =====================================================================
 
