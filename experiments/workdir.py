@@ -3,7 +3,7 @@
     WORKDIR/config.json              the config the workdir belongs to (a rerun with another is refused)
     WORKDIR/<stage>/latest|best|pinned/   Orbax checkpoints of a training stage
     WORKDIR/<stage>/result.json      written once the stage is complete: a rerun skips the stage
-    WORKDIR/selection/<tag>/         scores, selected ids, histogram (see fgnet_jax.selection)
+    WORKDIR/selection/<tag>/         scores, selected ids, histogram (see fgnet_jax.selection_files)
     WORKDIR/metrics.jsonl, tb/       metrics every log_every steps (JSON lines, TensorBoard)
     WORKDIR/curves.png, summary.json the training curves and the final results
 """

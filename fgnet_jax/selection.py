@@ -17,24 +17,15 @@ like its own auxiliary class.
 Criteria: keep the top ``ratio`` fraction, the top ``k`` images, or every image with
 score >= ``threshold``. Ties are broken by example id, so the selection is deterministic.
 
-Outputs go to ``WORKDIR/selection/<tag>/`` where ``tag`` (:func:`selection_tag`) fingerprints
-everything the selection depends on: the parameters and running statistics that produced the
-scores, the criterion and its value, and the scored auxiliary ids. The directory is written
-under a temporary name and renamed into place only when complete, so an interrupted scoring
-run never leaves a partial selection, and a rerun with another checkpoint, criterion, value or
-auxiliary set gets another tag and never reuses a stale selection (the original code cached
-scores per image and never invalidated them).
+The scores, selected ids and histogram go to disk through :mod:`fgnet_jax.selection_files`
+(tagged by :func:`selection_tag`).
 """
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -46,19 +37,12 @@ __all__ = [
     "selection_scores",
     "score_step",
     "parallel_score_step",
-    "pmap_score_step",
     "select_ids",
     "params_fingerprint",
     "selection_tag",
-    "write_selection",
-    "load_selection",
 ]
 
 CRITERIA = ("ratio", "top_k", "threshold")
-_SCORES_FILE = "scores.csv"
-_SELECTED_FILE = "selected_ids.txt"
-_INFO_FILE = "selection.json"
-_HISTOGRAM_FILE = "histogram.png"
 
 
 def selection_scores(target_logits: jax.Array, auxiliary_logits: jax.Array) -> jax.Array:
@@ -76,16 +60,11 @@ def score_step(params, batch_stats, batch: Mapping[str, jax.Array], *, model) ->
 
 
 def parallel_score_step(model, parallel):
-    """``score_step`` on all devices of a :class:`fgnet_jax.parallel.DataParallel` (params and
-    statistics replicated, batch and scores sharded)."""
+    """``score_step`` on all devices of ``parallel`` (params and statistics replicated, batch and
+    scores sharded): THE way to build the data-parallel scoring step, for both kinds of
+    :class:`fgnet_jax.parallel.DataParallel` (``DataParallel("shard_map")`` or, for ``jax.pmap``,
+    ``DataParallel("pmap", axis_name)``)."""
     return parallel.per_example(functools.partial(score_step, model=model))
-
-
-def pmap_score_step(model, axis_name: str = "batch"):
-    """``score_step`` over local devices (params and statistics replicated, batch sharded)."""
-    from fgnet_jax.parallel import DataParallel
-
-    return parallel_score_step(model, DataParallel("pmap", axis_name))
 
 
 def select_ids(ids: Sequence[str], scores: np.ndarray, criterion: str, value: float) -> list[str]:
@@ -135,119 +114,3 @@ def selection_tag(params: Any, batch_stats: Any, *, criterion: str, value: float
     for example_id in auxiliary_ids:
         digest.update(str(example_id).encode() + b"\0")
     return digest.hexdigest()[:16]
-
-
-def _selection_dir(workdir: str, tag: str) -> str:
-    return os.path.join(workdir, "selection", tag)
-
-
-def _write_histogram(path: str, scores: np.ndarray, cutoff: float | None,
-                     groups: Sequence[str] | None = None, selected: Sequence[bool] | None = None) -> None:
-    """Histogram of the scores with the cut-off; with ``groups`` (a group name per image, e.g.
-    the demo's ``related``/``unrelated``) one stacked colour per group, the legend giving
-    each group's kept fraction."""
-    # A Figure of its own (savefig renders the PNG with Agg): neither pyplot's figure registry
-    # nor the process's matplotlib backend (a notebook's inline plots) is touched.
-    from matplotlib import colormaps
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 3.5))
-    axis = figure.subplots()
-    bins = np.histogram_bin_edges(scores, bins=min(50, max(5, len(scores) // 5)))
-    if groups is None:
-        axis.hist(scores, bins=bins, color="tab:blue")
-    else:
-        names = sorted(set(groups))
-        groups_array = np.asarray(groups)
-        kept = np.asarray(selected, bool) if selected is not None else None
-        labels = []
-        for name in names:
-            members = groups_array == name
-            label = f"{name} ({int(members.sum())} images"
-            if kept is not None:
-                label += f", {100 * kept[members].mean():.0f}% kept"
-            labels.append(label + ")")
-        axis.hist([scores[groups_array == name] for name in names], bins=bins, stacked=True, label=labels,
-                  color=[colormaps["tab10"](i) for i in range(len(names))])
-    if cutoff is not None:
-        axis.axvline(cutoff, color="tab:red", linestyle="--", label=f"selection cut-off {cutoff:.3f}")
-    if cutoff is not None or groups is not None:
-        axis.legend(fontsize="small")
-    axis.set_xlabel("score: target-head part of the L2-normalised ReLU logits")
-    axis.set_ylabel("auxiliary images")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
-def write_selection(
-    workdir: str,
-    tag: str,
-    ids: Sequence[str],
-    scores: np.ndarray,
-    selected: Sequence[str],
-    info: Mapping[str, Any],
-    groups: Sequence[str] | None = None,
-) -> str:
-    """Write scores, selected ids, a histogram and ``info`` atomically; returns the directory.
-
-    ``groups`` (optional, a group name per id) colours the histogram by group and adds each
-    group's kept and total counts to the record (``kept_by_group``).
-
-    An existing selection with the same tag is left as it is (same parameters, same scores).
-    """
-    final = _selection_dir(workdir, tag)
-    if os.path.isdir(final):
-        return final
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{tag}.tmp-", dir=parent)
-    try:
-        scores = np.asarray(scores, np.float64)
-        with open(os.path.join(staging, _SCORES_FILE), "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["id", "score"])
-            writer.writerows((example_id, f"{score:.9g}") for example_id, score in zip(ids, scores))
-        with open(os.path.join(staging, _SELECTED_FILE), "w") as handle:
-            handle.writelines(f"{example_id}\n" for example_id in selected)
-        score_of = dict(zip(map(str, ids), scores))
-        cutoff = min(score_of[s] for s in selected) if selected else None
-        chosen = set(map(str, selected))
-        is_kept = [str(i) in chosen for i in ids]
-        _write_histogram(os.path.join(staging, _HISTOGRAM_FILE), scores, cutoff, groups, is_kept)
-        record = dict(info, tag=tag, num_scored=len(ids), num_selected=len(selected),
-                      selected_fraction=len(selected) / max(len(ids), 1))
-        if groups is not None:
-            record["kept_by_group"] = {
-                name: {"kept": sum(k for g, k in zip(groups, is_kept) if g == name),
-                       "total": sum(1 for g in groups if g == name)} for name in sorted(set(groups))}
-        with open(os.path.join(staging, _INFO_FILE), "w") as handle:
-            json.dump(record, handle, indent=2, sort_keys=True)
-        for name in os.listdir(staging):
-            with open(os.path.join(staging, name), "rb") as handle:
-                os.fsync(handle.fileno())
-        os.rename(staging, final)  # atomic: the selection appears whole or not at all
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return final
-
-
-def load_selection(workdir: str, tag: str) -> dict[str, Any] | None:
-    """The selection made by the parameters with ``tag``, or None if there is none yet."""
-    directory = _selection_dir(workdir, tag)
-    if not os.path.isdir(directory):
-        return None
-    with open(os.path.join(directory, _INFO_FILE)) as handle:
-        info = json.load(handle)
-    with open(os.path.join(directory, _SELECTED_FILE)) as handle:
-        selected = [line.rstrip("\n") for line in handle if line.strip()]
-    with open(os.path.join(directory, _SCORES_FILE), newline="") as handle:
-        rows = list(csv.reader(handle))[1:]
-    return {
-        "directory": directory,
-        "info": info,
-        "selected": selected,
-        "ids": [row[0] for row in rows],
-        "scores": np.asarray([float(row[1]) for row in rows]),
-    }
-

@@ -46,10 +46,10 @@ selection use:
 Parallelism: each function takes ``axis_name``; under ``jax.shard_map`` or ``jax.pmap``
 with that axis the inner gradients, gradients, losses and BatchNorm statistics (through the
 model's ``axis_name``) are averaged over devices, so the step does not depend on the device
-count. ``parallel_train_step``, ``parallel_supervised_step`` and ``parallel_eval_step`` build
-the data-parallel versions (state donated) for a :class:`fgnet_jax.parallel.DataParallel`:
-``jax.jit`` over a mesh with ``jax.shard_map`` (default) or ``jax.pmap``; the ``pmap_*``
-helpers are the latter.
+count. ``parallel_train_step``, ``parallel_supervised_step`` and ``parallel_eval_step`` are
+the one way to build the data-parallel versions (state donated), for either kind of
+:class:`fgnet_jax.parallel.DataParallel`: ``jax.jit`` over a mesh with ``jax.shard_map``
+(``DataParallel("shard_map")``, the default) or ``jax.pmap`` (``DataParallel("pmap")``).
 """
 
 from __future__ import annotations
@@ -91,9 +91,6 @@ __all__ = [
     "parallel_train_step",
     "parallel_supervised_step",
     "parallel_eval_step",
-    "pmap_train_step",
-    "pmap_supervised_step",
-    "pmap_eval_step",
 ]
 
 PyTree = Any
@@ -480,10 +477,11 @@ def eval_step(
 
 
 def parallel_train_step(model, tx, config: MetaStepConfig, parallel: DataParallel) -> Callable:
-    """``train_step`` on all devices of ``parallel`` (state donated); the model must use its
-    ``axis_name``. Under ``shard_map`` the batch is global ``[B, ...]`` (sharded), under
-    ``pmap`` ``[devices, B / devices, ...]``. Per-step inner batches
-    (``config.per_step_batches``) keep the device axis leading: ``[devices * K, B / devices,
+    """``train_step`` on all devices of ``parallel`` (state donated): THE way to build the
+    data-parallel meta step, for ``DataParallel("shard_map")`` and, for ``jax.pmap``,
+    ``DataParallel("pmap", axis_name)``; the model must use ``parallel.axis_name``. Under
+    ``shard_map`` the batch is global ``[B, ...]`` (sharded), under ``pmap`` ``[devices,
+    B / devices, ...]``. Per-step inner batches (``config.per_step_batches``) keep the device axis leading: ``[devices * K, B / devices,
     ...]`` under ``shard_map`` and ``[devices, K, B / devices, ...]`` under ``pmap``, each
     device holding ``[K, B / devices, ...]``; :meth:`DataParallel.put_batch` makes either from
     the pipeline's ``[local_devices, K, per_device_batch, ...]``."""
@@ -492,24 +490,16 @@ def parallel_train_step(model, tx, config: MetaStepConfig, parallel: DataParalle
 
 
 def parallel_supervised_step(model, tx, head: str, parallel: DataParallel) -> Callable:
-    """``supervised_step`` on all devices of ``parallel`` (state donated)."""
+    """``supervised_step`` on all devices of ``parallel`` (state donated): THE way to build the
+    data-parallel fine-tuning step, for ``DataParallel("shard_map")`` and, for ``jax.pmap``,
+    ``DataParallel("pmap", axis_name)``; the model must use ``parallel.axis_name``."""
     return parallel.step(functools.partial(supervised_step, model=model, tx=tx, head=head,
                                            axis_name=parallel.axis_name))
 
 
 def parallel_eval_step(model, parallel: DataParallel) -> Callable:
-    """``eval_step`` on all devices of ``parallel``: the sums of the whole global batch."""
+    """``eval_step`` on all devices of ``parallel``: the sums of the whole global batch. THE way
+    to build the data-parallel evaluation step, for ``DataParallel("shard_map")`` and, for
+    ``jax.pmap``, ``DataParallel("pmap", axis_name)``."""
     return parallel.reduce(functools.partial(eval_step, model=model, axis_name=parallel.axis_name))
 
-
-def pmap_train_step(model, tx, config: MetaStepConfig, axis_name: str = "batch") -> Callable:
-    """``train_step`` pmapped over local devices (state donated); the model must use ``axis_name``."""
-    return parallel_train_step(model, tx, config, DataParallel("pmap", axis_name))
-
-
-def pmap_supervised_step(model, tx, head: str, axis_name: str = "batch") -> Callable:
-    return parallel_supervised_step(model, tx, head, DataParallel("pmap", axis_name))
-
-
-def pmap_eval_step(model, axis_name: str = "batch") -> Callable:
-    return parallel_eval_step(model, DataParallel("pmap", axis_name))

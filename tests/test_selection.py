@@ -1,20 +1,22 @@
 """Sample selection: the authors' score, the criteria, atomic outputs tagged by checkpoint."""
 
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fgnet_jax import selection
+from child_env import child_env  # tests/child_env.py
+from fgnet_jax import selection_plot
 from fgnet_jax.selection import (
-    load_selection,
     params_fingerprint,
     select_ids,
     selection_scores,
     selection_tag,
-    write_selection,
 )
+from fgnet_jax.selection_files import load_selection, write_selection
 
 
 def test_score_matches_numpy_formula():
@@ -91,7 +93,7 @@ def test_write_is_atomic_and_tagged(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(selection, "_write_histogram", crash)
+    monkeypatch.setattr(selection_plot, "write_score_histogram", crash)
     with pytest.raises(KeyboardInterrupt):
         write_selection(workdir, "tag-two", ids, scores[::-1], selected, {})
     assert load_selection(workdir, "tag-two") is None
@@ -113,7 +115,21 @@ def test_the_histogram_leaves_matplotlibs_backend_and_pyplot_alone(tmp_path, mon
     backend, figures = dict.__getitem__(matplotlib.rcParams, "backend"), plt.get_fignums()
     path = tmp_path / "histogram.png"
     scores = np.linspace(0, 1, 40)
-    selection._write_histogram(str(path), scores, 0.5, groups=["related", "unrelated"] * 20, selected=scores > 0.5)
+    selection_plot.write_score_histogram(str(path), scores, 0.5, groups=["related", "unrelated"] * 20,
+                                         selected=scores > 0.5)
     assert dict.__getitem__(matplotlib.rcParams, "backend") == backend and plt.get_fignums() == figures
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (600, 350)  # figsize (6, 3.5) at 100 dpi
+
+
+def test_importing_the_selection_math_imports_neither_files_nor_plotting():
+    """``fgnet_jax.selection`` is the score and the criteria: its import (a fresh interpreter)
+    brings neither the on-disk layout (``fgnet_jax.selection_files``, csv) nor matplotlib."""
+    program = ("import sys\nimport fgnet_jax.selection\n"
+               "print(sorted(m for m in ('matplotlib', 'fgnet_jax.selection_files', 'fgnet_jax.selection_plot')"
+               " if m in sys.modules))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run([sys.executable, "-c", program], env=child_env(), cwd=root, capture_output=True, text=True,
+                           timeout=300)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.strip().splitlines()[-1] == "[]"

@@ -30,7 +30,7 @@ from fgnet_jax.train import (
     eval_step,
     make_optimizer,
     metafgnet_gradients,
-    pmap_eval_step,
+    parallel_eval_step,
     step_decay,
     supervised_step,
     train_step,
@@ -190,9 +190,10 @@ def test_eval_sums_respect_mask_and_match_across_devices():
 
     parallel_model, _ = model_and_variables("batch")
     sharded = jax.tree_util.tree_map(lambda x: x.reshape(NUM_DEVICES, PER_DEVICE, *x.shape[1:]), batch)
-    pmap = DataParallel("pmap")
-    parallel = pmap.host_values(pmap_eval_step(parallel_model)(pmap.put_state(variables["params"]),
-                                                               pmap.put_state(variables["batch_stats"]), sharded))
+    pmap = DataParallel("pmap", "batch")
+    pmapped_eval = parallel_eval_step(parallel_model, pmap)
+    parallel = pmap.host_values(pmapped_eval(pmap.put_state(variables["params"]),
+                                             pmap.put_state(variables["batch_stats"]), sharded))
     for key in sums:
         np.testing.assert_allclose(parallel[key], sums[key], rtol=1e-5)
 

@@ -7,8 +7,8 @@ target-head logits, :math:`z = \mathrm{ReLU}([a; t]) / \lVert \mathrm{ReLU}([a; 
 score :math:`= \sum_c z_{C_s + c}`. ``config.selection`` keeps the top ratio (the authors:
 0.8), the top k, or the images above a threshold. The result goes to
 ``WORKDIR/selection/<tag>/`` (the tag covers the parameters and statistics, the criterion, its
-value and the auxiliary ids), written atomically; a rerun reuses it only when all of these
-match.
+value and the auxiliary ids), written atomically by ``fgnet_jax.selection_files``; a rerun reuses
+it only when all of these match.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from experiments.workdir import UsageError
 from fgnet_jax import data as data_lib
 from fgnet_jax import distributed
 from fgnet_jax import selection as selection_lib
+from fgnet_jax import selection_files
 
 NAME = "selection"
 
@@ -76,7 +77,7 @@ def run(ctx: Context, variables: dict, source_step: int) -> tuple[Any, dict]:
     tag = selection_lib.selection_tag(params, stats, criterion=config.selection.criterion,
                                       value=config.selection.value, auxiliary_ids=ids)
     distributed.barrier("selection: lookup")  # every process sees the same selection directory
-    existing = selection_lib.load_selection(ctx.workdir, tag)
+    existing = selection_files.load_selection(ctx.workdir, tag)
     made_earlier = existing is not None  # by an earlier invocation: its info (time included) is that run's
     started = time.time()
     if existing is None:
@@ -85,10 +86,10 @@ def run(ctx: Context, variables: dict, source_step: int) -> tuple[Any, dict]:
         info = {"criterion": config.selection.criterion, "value": config.selection.value,
                 "source_stage": "meta_train", "source_step": int(source_step), "wall_seconds": time.time() - started}
         if ctx.is_chief:  # scores gathered from every process: each holds the same selection
-            selection_lib.write_selection(ctx.workdir, tag, scored_ids, scores, selected, info,
-                                          groups=demo_groups(scored_ids))
+            selection_files.write_selection(ctx.workdir, tag, scored_ids, scores, selected, info,
+                                            groups=demo_groups(scored_ids))
         distributed.barrier("selection: written")
-        existing = selection_lib.load_selection(ctx.workdir, tag) if ctx.is_chief else None
+        existing = selection_files.load_selection(ctx.workdir, tag) if ctx.is_chief else None
         if existing is None:
             existing = {"selected": selected, "info": dict(info, tag=tag, num_scored=len(scored_ids),
                                                           num_selected=len(selected),
