@@ -24,7 +24,10 @@ own pipeline (``experiments.pipeline.run``): an interrupted study resumes where 
 finished run is never repeated (its ``summary.json`` is read back). At the end the study prints
 and writes ``DIR/study.md`` (the table), ``DIR/study.json`` (every number) and ``DIR/study.png``.
 ``--fast`` shortens every stage to a few steps: a smoke test of the study, whose study.md and
-study.png are headed "FAST SMOKE RUN (not a result)" and give no paired differences.
+study.png are headed "FAST SMOKE RUN (not a result)" and give no paired differences. Whether a
+finished run is a smoke run is read from its own ``config.json``, never from the flags of a later
+invocation: a study refuses a workdir holding runs of the other kind (or of another config), and
+``--report_only`` marks the table as a smoke run when any run in it is one.
 """
 
 from __future__ import annotations
@@ -101,6 +104,39 @@ def fast_config(config):
     return config
 
 
+def run_config(base, variant: str, seed: int, fast: bool):
+    """The config of one run of the study: ``base`` (shortened first with ``fast``), then the
+    variant's settings, then the seed."""
+    config = variant_config(fast_config(base.copy_and_resolve_references()) if fast else base, variant)
+    config.seed = seed
+    return config
+
+
+def finished_run_is_fast(workdir: str, base, variant: str, seed: int, expected: bool | None) -> bool:
+    """Whether the finished run in ``workdir`` is a ``--fast`` smoke run, read from the config it
+    recorded (``config.json``). Raises ``UsageError`` (one line) when that config is neither this
+    study's full nor its fast one for (variant, seed), or, with ``expected``, not of that kind."""
+    from experiments.workdir import UsageError, claim_workdir, read_json
+
+    if read_json(os.path.join(workdir, "config.json")) is None:
+        raise UsageError(f"{workdir} has a summary.json but no config.json: not a run of this study; "
+                         "give the study another --workdir (or delete it)")
+    kinds = [False, True] if expected is None else [expected, not expected]
+    first_error = None
+    for is_fast in kinds:
+        try:
+            claim_workdir(workdir, run_config(base, variant, seed, is_fast), allow_config_change=False, write=False)
+        except UsageError as error:
+            first_error = first_error or error
+            continue
+        if expected is not None and is_fast != expected:
+            this = "--fast study" if expected else "full study"
+            raise UsageError(f"{workdir} holds a {'--fast smoke' if is_fast else 'full'} run, not one of this {this}: "
+                             "give this study another --workdir (or delete that run)")
+        return is_fast
+    raise first_error
+
+
 def run_dir(root: str, variant: str, seed: int) -> str:
     return os.path.join(root, variant, f"seed{seed}")
 
@@ -114,10 +150,22 @@ SHARED_STAGES = {
 }
 
 
-def _share_finished_stages(root: str, variant: str, seed: int, config) -> list[str]:
+def _holds_config(workdir: str, config) -> bool:
+    from experiments.workdir import UsageError, claim_workdir
+
+    try:
+        claim_workdir(workdir, config, allow_config_change=False, write=False)
+    except UsageError:
+        return False
+    return True
+
+
+def _share_finished_stages(root: str, variant: str, seed: int, config, config_of=None) -> list[str]:
     """Copy into ``variant``'s run every stage of :data:`SHARED_STAGES` that another variant of
     the same seed has finished (with its lines of the metrics log, for the run's curves.png), so
-    that the run skips it. Returns the stages copied."""
+    that the run skips it. ``config_of(other)``, where given, is the config the other variant's
+    run must have recorded: a run of another study (a ``--fast`` one in a full study's folder, say)
+    is never copied from. Returns the stages copied."""
     stage_lengths = {"auxiliary_pretrain": config.auxiliary_pretrain.epochs, "meta_train": config.meta_train.steps}
     copied = []
     for stage, sharing in SHARED_STAGES.items():
@@ -128,6 +176,8 @@ def _share_finished_stages(root: str, variant: str, seed: int, config) -> list[s
             source_run = run_dir(root, other, seed)
             source = os.path.join(source_run, stage)
             if other == variant or not os.path.exists(os.path.join(source, "result.json")):
+                continue
+            if config_of is not None and not _holds_config(source_run, config_of(other)):
                 continue
             # Copied beside it, then renamed: an interrupted copy never looks like a started stage.
             partial = f"{target}.copying"
@@ -350,8 +400,11 @@ def _print(line: str) -> None:
 def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, demo: bool,
               log=_print, report_only: bool = False, fast: bool = False) -> dict:
     """Run (or resume) every (variant, seed) and write the table, data and plot under ``root``
-    (``report_only``: run nothing, tabulate the finished runs; ``fast``: the runs are ``--fast``
-    smoke runs, and the table and plot say so and claim no differences)."""
+    (``report_only``: run nothing, tabulate the finished runs; ``fast``: run ``--fast`` smoke runs
+    (:func:`fast_config` applied to ``base_config``), and the table and plot say so and claim no
+    differences). A finished run is read back only if its recorded config is this study's
+    (:func:`finished_run_is_fast`); with ``report_only`` the runs' own configs say whether the
+    table is a smoke run's, whatever ``fast`` says."""
     from experiments import pipeline
     from experiments.compilation import CompileCounter
     from experiments.workdir import read_json, write_json_atomic
@@ -369,9 +422,11 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
     started = time.time()
     for index, (variant, seed) in enumerate(order, 1):
         workdir = run_dir(root, variant, seed)
-        config = variant_config(base_config, variant)
-        config.seed = seed
+        config = run_config(base_config, variant, seed, fast)
         summary = read_json(os.path.join(workdir, "summary.json"))
+        run_is_fast = fast
+        if summary is not None:
+            run_is_fast = finished_run_is_fast(workdir, base_config, variant, seed, None if report_only else fast)
         if summary is None and report_only:
             log(f"study: run {index}/{len(order)}: {variant} seed {seed} not finished, left out")
             continue
@@ -384,7 +439,8 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
             eta = f", study left ~{_clock(remaining * sum(run_times) / len(run_times))}" if run_times else ""
             log(f"study: run {index}/{len(order)}: {variant} seed {seed} -> {workdir} "
                 f"(elapsed {_clock(time.time() - started)}{eta})")
-            shared = _share_finished_stages(root, variant, seed, config)
+            shared = _share_finished_stages(root, variant, seed, config,
+                                            lambda other: run_config(base_config, other, seed, fast))
             if shared:
                 log(f"study: {variant} seed {seed} starts with {', '.join(shared)} copied from another variant's run "
                     "(same settings)")
@@ -398,7 +454,9 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
                 f"{100 * summary['test_accuracy']:.1f}%")
         else:
             log(f"study: run {index}/{len(order)}: {variant} seed {seed} finished before, read from {workdir}")
-        records.append(_record(variant, seed, workdir, summary))
+        records.append(dict(_record(variant, seed, workdir, summary), fast=run_is_fast))
+    if report_only:
+        fast = any(record["fast"] for record in records)
     study = summarise(records, fast)
     study["runs"] = records
     study["wall_seconds"] = time.time() - started
@@ -442,8 +500,6 @@ def main(argv) -> None:
                       else "--seeds and --variants must not be empty")
     demo = not _CONFIG_GIVEN
     config = cub_200._CONFIG.value
-    if _FAST.value:
-        fast_config(config)
 
     cub_200.set_up_tensorflow()  # before the data pipeline imports it
     import jax
@@ -460,7 +516,7 @@ def main(argv) -> None:
 
             require_target_files(config.dataset, data_dir=config.data_dir or None, manual_dir=config.manual_dir or None)
         for variant in variants:
-            pipeline.validate_config(variant_config(config, variant), jax.device_count())
+            pipeline.validate_config(run_config(config, variant, seeds[0], _FAST.value), jax.device_count())
         run_study(config, root, seeds, variants, demo=demo, report_only=_REPORT_ONLY.value, fast=_FAST.value)
     except DatasetNotFoundError as error:
         cub_200._fail(f"{error} (or run the study on the embedded demo data: leave out --config)")

@@ -173,9 +173,10 @@ def test_shared_stages_are_copied_whole_with_their_metrics(tiny_config, tmp_path
     assert study._share_finished_stages(str(tmp_path), "exact_selection", 0, config) == []
 
 
-def finished_runs(root, accuracies):
-    """Finished runs as the study reads them back (their summary.json): ``accuracies[variant]``
-    holds each seed's test top-1."""
+def finished_runs(root, accuracies, base, fast):
+    """Finished runs as the study reads them back (their summary.json and the config.json they
+    recorded, a ``fast`` study's or a full one's): ``accuracies[variant]`` holds each seed's test
+    top-1."""
     for variant, values in accuracies.items():
         for seed, accuracy in enumerate(values):
             run = root / variant / f"seed{seed}"
@@ -183,6 +184,7 @@ def finished_runs(root, accuracies):
             summary = {"test_accuracy": accuracy, "test_top5": 1.0, "steps": {"finetune": 4},
                        "wall_seconds": {"finetune": 2.0}}
             (run / "summary.json").write_text(json.dumps(summary))
+            (run / "config.json").write_text(study.run_config(base, variant, seed, fast).to_json())
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -191,7 +193,7 @@ def test_fast_study_is_marked_as_a_smoke_run_and_claims_no_difference(tmp_path, 
     no paired difference or confidence interval (a full study of the same runs does)."""
     from experiments.configs import demo
 
-    finished_runs(tmp_path, {"first_order": [0.40, 0.50, 0.45], "exact": [0.60, 0.70, 0.66]})
+    finished_runs(tmp_path, {"first_order": [0.40, 0.50, 0.45], "exact": [0.60, 0.70, 0.66]}, demo.get_config(), fast)
     lines = []
     result = study.run_study(demo.get_config(), str(tmp_path), [0, 1, 2], ["first_order", "exact"], demo=False,
                              log=lines.append, fast=fast)
@@ -212,3 +214,43 @@ def test_fast_study_is_marked_as_a_smoke_run_and_claims_no_difference(tmp_path, 
     assert (study.FAST_MARK in figure.get_suptitle()) is fast
     assert axis.get_ylim() == (0, 100)  # bars from 0, in % as in the table
     assert axis.get_ylabel() == "test top-1 (%)" and axis.get_xlabel() == "variant"
+
+
+def test_whether_runs_are_fast_is_read_from_the_runs_not_from_later_flags(tmp_path):
+    """A study never reads the other kind of finished run as its own: a full study over --fast
+    runs (or the reverse) is refused in one line, --report_only marks the table by the runs'
+    recorded configs whatever --fast says, and a stage is never copied from the other kind."""
+    from experiments.configs import demo
+    from experiments.workdir import UsageError
+
+    base = demo.get_config()
+    accuracies = {"first_order": [0.40, 0.50], "exact": [0.60, 0.70]}
+    finished_runs(tmp_path / "fast", accuracies, base, fast=True)
+    finished_runs(tmp_path / "full", accuracies, base, fast=False)
+    for kind, fast in (("fast", False), ("full", True)):
+        with pytest.raises(UsageError, match=f"holds a {'--fast smoke' if kind == 'fast' else 'full'} run") as error:
+            study.run_study(base, str(tmp_path / kind), [0, 1], ["first_order", "exact"], demo=False,
+                            log=lambda line: None, fast=fast)
+        assert "\n" not in str(error.value)
+    for kind, fast_flag in (("fast", False), ("fast", True), ("full", True), ("full", False)):
+        result = study.run_study(base, str(tmp_path / kind), [0, 1], ["first_order", "exact"], demo=False,
+                                 log=lambda line: None, fast=fast_flag, report_only=True)
+        assert result["fast"] is (kind == "fast"), (kind, fast_flag)
+        assert (tmp_path / kind / "study.md").read_text().startswith(f"# {study.FAST_MARK}:") is (kind == "fast")
+    # A run of another config altogether (another seed recorded) is refused, naming a difference.
+    other = tmp_path / "other"
+    finished_runs(other, {"exact": [0.6]}, base, fast=False)
+    (other / "exact" / "seed0" / "config.json").write_text(study.run_config(base, "exact", 7, False).to_json())
+    with pytest.raises(UsageError, match="seed"):
+        study.run_study(base, str(other), [0], ["exact"], demo=False, log=lambda line: None, report_only=True)
+
+    # exact's stage 2 is shared with exact_selection only when exact's run is this study's kind.
+    finished = tmp_path / "full" / "exact" / "seed0" / "meta_train"
+    finished.mkdir()
+    (finished / "result.json").write_text("{}")
+    full_config = study.run_config(base, "exact_selection", 0, False)
+    fast_config = study.run_config(base, "exact_selection", 0, True)
+    assert study._share_finished_stages(str(tmp_path / "full"), "exact_selection", 0, fast_config,
+                                        lambda other: study.run_config(base, other, 0, True)) == []
+    assert study._share_finished_stages(str(tmp_path / "full"), "exact_selection", 0, full_config,
+                                        lambda other: study.run_config(base, other, 0, False)) == ["meta_train"]
