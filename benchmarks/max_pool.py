@@ -1,20 +1,29 @@
-"""The stem max-pool: nine strided slices (the model's) vs ``lax.reduce_window``, side by side.
+"""The stem max-pool's implementations side by side in the meta-gradient of a ResNet.
 
     python -m benchmarks.max_pool [--depth 18] [--image_size 96] [--batch 32] [--repeats 5]
                                   [--methods plain first_order hvp_jvp]
+                                  [--implementations slices reduce_window] [--rounds 1] [--json FILE]
 
 Times the meta-gradient (``benchmarks.meta_step --scope meta``'s functions) with the
-ResNet's stem max-pool as nine strided slices (``max_pool_3x3_stride2_by_slices``, the
-model's choice on CPU) and as ``reduce_window`` (``max_pool_3x3_stride2_by_reduce_window``,
-its choice elsewhere), one
-after the other in one process so that both see the same machine. NOTES.md, attempt 5, has
-the results.
+ResNet's stem max-pool swapped for each of ``--implementations``:
+
+  slices              nine strided slices (``resnet._max_pool_by_slices``), called directly
+  reduce_window       ``lax.reduce_window`` (``resnet._max_pool_by_reduce_window``), directly
+  platform_dependent  the model's ``max_pool_3x3_stride2``: one of the two, chosen by
+                      ``lax.platform_dependent`` for the platform the program is lowered for
+
+one after the other in one process so that all see the same machine, interleaved over
+``--rounds`` rounds so that its drift hits all alike. Each measurement traces, lowers and
+compiles a fresh jitted function (seconds for each), then takes the median of ``--repeats``
+calls after a warm-up. The summary gives medians over rounds and each implementation's
+ratio to the first. NOTES.md, attempt 5, has the results.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 
 if __name__ == "__main__":
@@ -24,21 +33,35 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 
-from benchmarks.meta_step import make_batches, measure, meta_functions  # noqa: E402
+from benchmarks.meta_step import make_batches, meta_functions  # noqa: E402
+from benchmarks.timing import staged_timing, write_results  # noqa: E402
 from fgnet_jax.models import MetaFGNet, init_variables  # noqa: E402
 from fgnet_jax.objective import TARGET_KEYS, select  # noqa: E402
 
 _RESNET_MODULE = sys.modules["fgnet_jax.models.resnet"]  # the package re-exports a function named resnet
 
+IMPLEMENTATIONS = {
+    "slices": _RESNET_MODULE._max_pool_by_slices,
+    "reduce_window": _RESNET_MODULE._max_pool_by_reduce_window,
+    "platform_dependent": _RESNET_MODULE.max_pool_3x3_stride2,
+}
+MEASURES = ("trace_s", "lower_s", "compile_s", "time_ms")
+
 
 @contextlib.contextmanager
 def stem_max_pool(implementation):
+    """The ResNet's stem calls ``implementation`` instead of ``max_pool_3x3_stride2`` (when traced)."""
     original = _RESNET_MODULE.max_pool_3x3_stride2
     _RESNET_MODULE.max_pool_3x3_stride2 = implementation
     try:
         yield
     finally:
         _RESNET_MODULE.max_pool_3x3_stride2 = original
+
+
+def measure(function, args: tuple, repeats: int) -> dict[str, float]:
+    """Seconds to trace, lower and compile a fresh ``jax.jit(function)``; median ms per call."""
+    return staged_timing(jax.jit(lambda *a: function(*a)), args, repeats)[0]  # a fresh function: jit retraces
 
 
 def main(argv=None) -> None:
@@ -48,6 +71,10 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", nargs="+", default=["plain", "first_order", "hvp_jvp"])
+    parser.add_argument("--implementations", nargs="+", choices=tuple(IMPLEMENTATIONS),
+                        default=["slices", "reduce_window"])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--json", help="also write the rows and their medians to this file")
     args = parser.parse_args(argv)
     print(f"backend {jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}", flush=True)
     model = MetaFGNet(args.depth, 200, 1000)
@@ -55,18 +82,37 @@ def main(argv=None) -> None:
     batch = make_batches(args.image_size, args.batch, 200, 1000)
     functions = meta_functions(model, variables, 1)
     params = select(variables["params"], TARGET_KEYS)
-    implementations = {"slices": _RESNET_MODULE.max_pool_3x3_stride2_by_slices,
-                       "reduce_window": _RESNET_MODULE.max_pool_3x3_stride2_by_reduce_window}
+    label = f"R-{args.depth} {args.image_size}px b{args.batch}"
+    rows = []
+    for round_index in range(args.rounds):
+        for method in args.methods:
+            for name in args.implementations:
+                with stem_max_pool(IMPLEMENTATIONS[name]):
+                    row = {"method": method, "implementation": name, "round": round_index,
+                           **measure(functions[method], (params, batch), args.repeats)}
+                rows.append(row)
+                print(f"{label} {method:<12} {name:<18} round {round_index}: trace {row['trace_s']:5.2f} s  "
+                      f"lower {row['lower_s']:5.2f} s  compile {row['compile_s']:6.2f} s  "
+                      f"time {row['time_ms']:8.1f} ms", flush=True)
+    first = args.implementations[0]
+    medians = []
+    print(f"medians over {args.rounds} round(s); ratios to {first}:")
     for method in args.methods:
-        seconds = {}
-        for name, implementation in implementations.items():
-            with stem_max_pool(implementation):
-                # A fresh function object: jit must retrace with the swapped pool.
-                seconds[name] = measure(lambda p, b: functions[method](p, b), params, batch,
-                                        repeats=args.repeats)["seconds"]
-        print(f"R-{args.depth} {args.image_size}px b{args.batch} {method:<12} slices {1e3 * seconds['slices']:8.1f} ms"
-              f"  reduce_window {1e3 * seconds['reduce_window']:8.1f} ms"
-              f"  slices/reduce_window {seconds['slices'] / seconds['reduce_window']:.2f}x", flush=True)
+        for name in args.implementations:
+            group = [r for r in rows if (r["method"], r["implementation"]) == (method, name)]
+            medians.append({"method": method, "implementation": name,
+                            **{key: statistics.median(r[key] for r in group) for key in MEASURES}})
+        reference = medians[-len(args.implementations)]
+        for median in medians[-len(args.implementations):]:
+            median["compile_ratio"] = ((median["trace_s"] + median["lower_s"] + median["compile_s"])
+                                       / (reference["trace_s"] + reference["lower_s"] + reference["compile_s"]))
+            median["time_ratio"] = median["time_ms"] / reference["time_ms"]
+            print(f"{label} {method:<12} {median['implementation']:<18} trace {median['trace_s']:5.2f} s  "
+                  f"lower {median['lower_s']:5.2f} s  compile {median['compile_s']:6.2f} s  "
+                  f"time {median['time_ms']:8.1f} ms  {median['implementation']}/{first}: "
+                  f"trace+lower+compile {median['compile_ratio']:.3f}x  time {median['time_ratio']:.3f}x", flush=True)
+    if args.json:
+        write_results(args.json, rows, medians)
 
 
 if __name__ == "__main__":

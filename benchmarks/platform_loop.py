@@ -15,10 +15,7 @@ to the unrolled program (same temp memory and run time as ``True``) and only tra
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
-import time
 
 from fgnet_jax.cpu_devices import use_cpu_convolutions
 
@@ -28,7 +25,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 
 from benchmarks.inner_loop import cnn_problem, resnet_problem  # noqa: E402
-from benchmarks.timing import median_seconds  # noqa: E402
+from benchmarks.timing import staged_timing, write_results  # noqa: E402
 from fgnet_jax.meta import meta_value_and_grad  # noqa: E402
 
 MIB = 2**20
@@ -40,16 +37,8 @@ def measure(problem, method: str, unroll) -> dict:
     loss_fn, params, inner, outer = problem
     jitted = jax.jit(lambda p, i, o: meta_value_and_grad(loss_fn, p, i, o, inner_lr=0.01, method=method,
                                                          per_step_batches=True, unroll=unroll))
-    start = time.perf_counter()
-    traced = jitted.trace(params, inner, outer)
-    traced_at = time.perf_counter()
-    lowered = traced.lower()
-    lowered_at = time.perf_counter()
-    compiled = lowered.compile()
-    compiled_at = time.perf_counter()
-    return {"trace_s": traced_at - start, "lower_s": lowered_at - traced_at, "compile_s": compiled_at - lowered_at,
-            "time_ms": 1e3 * median_seconds(compiled, (params, inner, outer), 1),
-            "temp_mib": compiled.memory_analysis().temp_size_in_bytes / MIB}
+    timing, compiled = staged_timing(jitted, (params, inner, outer), 1)
+    return {**timing, "temp_mib": compiled.memory_analysis().temp_size_in_bytes / MIB}
 
 
 def main(argv=None) -> None:
@@ -87,10 +76,7 @@ def main(argv=None) -> None:
                       f"lower {median['lower_s']:5.2f} s  compile {median['compile_s']:5.2f} s  "
                       f"time {median['time_ms']:8.1f} ms  temp {median['temp_mib']:7.1f} MiB", flush=True)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"argv": sys.argv[1:], "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-                       "date": time.strftime("%Y-%m-%d"), "rows": rows, "medians": medians}, handle, indent=1)
-            handle.write("\n")
+        write_results(args.json, rows, medians)
 
 
 if __name__ == "__main__":

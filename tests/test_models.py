@@ -8,11 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from tiers import fast_subset  # tests/tiers.py
 
 from fgnet_jax.models import MetaFGNet, block_names, feature_dim, fresh_target_head, init_variables, resnet
-from fgnet_jax.models.resnet import max_pool_3x3_stride2, max_pool_3x3_stride2_by_slices
+from fgnet_jax.models.resnet import _max_pool_by_reduce_window, _max_pool_by_slices, max_pool_3x3_stride2
 
 IMAGE_SIZE = 32  # last stage 1x1; XLA:CPU convs on 2x2 maps are pathologically slow
 NUM_TARGET, NUM_AUXILIARY = 5, 7
@@ -98,9 +99,10 @@ def test_max_pool_equals_reduce_window_max_pool_in_value_gradient_and_hvp(shape)
             gradient = jax.grad(lambda x: loss(pool, x))
             return gradient(x), jax.jvp(gradient, (x,), (direction,))[1]
 
-        np.testing.assert_array_equal(max_pool_3x3_stride2_by_slices(x), reference(x))
-        np.testing.assert_array_equal(max_pool_3x3_stride2(x), reference(x))  # the model's choice for this backend
-        gradient, hvp = gradient_and_hvp(max_pool_3x3_stride2_by_slices)
+        np.testing.assert_array_equal(_max_pool_by_slices(x), reference(x))
+        np.testing.assert_array_equal(_max_pool_by_reduce_window(x), reference(x))
+        np.testing.assert_array_equal(max_pool_3x3_stride2(x), reference(x))  # the choice for this platform
+        gradient, hvp = gradient_and_hvp(_max_pool_by_slices)
         expected_gradient, expected_hvp = gradient_and_hvp(reference)
         assert np.any(expected_gradient != 0) and np.any(expected_hvp != 0)
         np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-12, atol=1e-14)
@@ -110,11 +112,66 @@ def test_max_pool_equals_reduce_window_max_pool_in_value_gradient_and_hvp(shape)
 def test_max_pool_shares_the_gradient_of_a_tie_among_the_tied_elements():
     x = jnp.zeros((1, 3, 3, 1)).at[0, 0, 0, 0].set(1.0).at[0, 2, 2, 0].set(1.0)
     # Output (0, 1) sees x[0:2, 1:3] (and padding): four zeros, a four-way tie.
-    gradient = jax.grad(lambda x: max_pool_3x3_stride2_by_slices(x)[0, 0, 1, 0])(x)[0, :, :, 0]
+    gradient = jax.grad(lambda x: _max_pool_by_slices(x)[0, 0, 1, 0])(x)[0, :, :, 0]
     tied = np.zeros((3, 3), bool)
     tied[0:2, 1:3] = True
     assert np.all(gradient[tied] > 0) and np.all(gradient[~tied] == 0)
     assert float(jnp.sum(gradient)) == pytest.approx(1.0)
+
+
+def _pool_functions():
+    """The pool, its gradient and forward-over-reverse HVP (as the exact meta-gradients use it)."""
+    def gradient(pool):
+        return jax.grad(lambda x: jnp.sum(jnp.sin(pool(x)) ** 2))
+
+    return {"pool": lambda pool: pool,
+            "gradient": gradient,
+            "hvp": lambda pool: lambda x, v: jax.jvp(gradient(pool), (x,), (v,))[1]}
+
+
+def test_max_pool_is_chosen_by_the_platform_the_program_is_lowered_for():
+    """Strided slices where the program is lowered for a CPU, ``reduce_window`` for CUDA or TPU,
+    decided at lowering (not from the default backend at trace time): for the pool, its
+    gradient, its forward-over-reverse HVP and the ResNet that uses it. A program exported for
+    all three platforms at once carries both and runs the slices here."""
+    x = jax.ShapeDtypeStruct((2, 9, 9, 3), jnp.float32)
+
+    def module(function, args, platforms):
+        return export.export(jax.jit(function), platforms=platforms)(*args).mlir_module()
+
+    model = MetaFGNet(DEPTH, NUM_TARGET, NUM_AUXILIARY)
+    images = jax.ShapeDtypeStruct((2, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32)
+    variables = jax.eval_shape(lambda x: model.init(_key(0), x, train=False), images)
+    programs = {name: (make(max_pool_3x3_stride2), (x, x) if name == "hvp" else (x,))
+                for name, make in _pool_functions().items()}
+    programs["resnet"] = (lambda v, x: model.apply(v, x, method=MetaFGNet.features), (variables, images))
+    for name, (function, args) in programs.items():
+        cpu = module(function, args, ["cpu"])
+        assert "stablehlo.reduce_window" not in cpu and cpu.count("stablehlo.slice") >= 9, name
+        for platform in ("cuda", "tpu"):
+            assert "stablehlo.reduce_window" in module(function, args, [platform]), (name, platform)
+
+    values = jax.random.normal(jax.random.key(3), x.shape)
+    everywhere = export.export(jax.jit(max_pool_3x3_stride2), platforms=("cpu", "cuda", "tpu"))(x)
+    assert "stablehlo.reduce_window" in everywhere.mlir_module()
+    np.testing.assert_array_equal(everywhere.call(values), _max_pool_by_slices(values))
+
+
+def test_max_pool_transforms_as_the_slices_on_cpu():
+    """grad, jvp of grad (forward-over-reverse) and vmap pass through the platform choice and
+    give exactly the slices' results here, jitted (and the pool itself eagerly too); the
+    compiled programs keep no conditional, so the choice costs nothing at run time."""
+    x = jax.random.normal(jax.random.key(4), (3, 2, 8, 6, 2))
+    direction = jax.random.normal(jax.random.key(5), x.shape)
+    np.testing.assert_array_equal(max_pool_3x3_stride2(x[0]), _max_pool_by_slices(x[0]))
+    for name, make in _pool_functions().items():
+        args = (x[0], direction[0]) if name == "hvp" else (x[0],)
+        batched = (x, direction) if name == "hvp" else (x,)
+        compiled = jax.jit(make(max_pool_3x3_stride2)).lower(*args).compile()
+        assert "conditional(" not in compiled.as_text(), name
+        np.testing.assert_array_equal(compiled(*args), jax.jit(make(_max_pool_by_slices))(*args), err_msg=name)
+        np.testing.assert_array_equal(jax.jit(jax.vmap(make(max_pool_3x3_stride2)))(*batched),
+                                      jax.jit(jax.vmap(make(_max_pool_by_slices)))(*batched), err_msg=name)
 
 
 @pytest.mark.slow

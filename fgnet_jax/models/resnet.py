@@ -62,8 +62,6 @@ __all__ = [
     "block_names",
     "feature_dim",
     "max_pool_3x3_stride2",
-    "max_pool_3x3_stride2_by_reduce_window",
-    "max_pool_3x3_stride2_by_slices",
     "resnet",
 ]
 
@@ -133,23 +131,28 @@ def max_pool_3x3_stride2(x: jax.Array) -> jax.Array:
     :math:`y_{n,i,j,c} = \max_{0 \le a, b < 3} \bar x_{n, 2i+a, 2j+b, c}`, with :math:`\bar x` the
     input padded by one ``-inf`` row/column on each side (padding never wins, as in PyTorch).
 
-    On the CPU backend this is :func:`max_pool_3x3_stride2_by_slices`; elsewhere
-    :func:`max_pool_3x3_stride2_by_reduce_window`, whose GPU kernels were 2-4 % faster than the
-    slices on an H200 (``python -m benchmarks.max_pool``). The choice is made when the
-    function is traced, from ``jax.default_backend()``.
+    Two implementations compute it, and the platform the program is *lowered* for picks one
+    (``lax.platform_dependent``), not the default backend at trace time, so a program traced
+    here and exported or placed elsewhere gets its platform's pool: on a CPU nine strided
+    slices (:func:`_max_pool_by_slices`), elsewhere ``lax.reduce_window``
+    (:func:`_max_pool_by_reduce_window`). Both are traced, only the lowering platform's is
+    compiled. Values agree exactly and gradients too, except on exact ties inside a window
+    (see :func:`_max_pool_by_slices`).
     """
-    if jax.default_backend() == "cpu":
-        return max_pool_3x3_stride2_by_slices(x)
-    return max_pool_3x3_stride2_by_reduce_window(x)
+    return jax.lax.platform_dependent(x, cpu=_max_pool_by_slices, default=_max_pool_by_reduce_window)
 
 
-def max_pool_3x3_stride2_by_reduce_window(x: jax.Array) -> jax.Array:
-    """:func:`max_pool_3x3_stride2` as Flax's ``max_pool`` (``lax.reduce_window``, padding ``-inf``)."""
+def _max_pool_by_reduce_window(x: jax.Array) -> jax.Array:
+    """:func:`max_pool_3x3_stride2` as Flax's ``max_pool`` (``lax.reduce_window``, padding ``-inf``).
+
+    The choice off the CPU: on an H200 its GPU kernels were 2-4 % faster than the slices
+    (``python -m benchmarks.max_pool``, ``benchmarks/NOTES.md``).
+    """
     return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
-def max_pool_3x3_stride2_by_slices(x: jax.Array) -> jax.Array:
-    """:func:`max_pool_3x3_stride2` as the maximum of nine strided slices.
+def _max_pool_by_slices(x: jax.Array) -> jax.Array:
+    """:func:`max_pool_3x3_stride2` as the maximum of nine strided slices (the choice on a CPU).
 
     XLA:CPU differentiates ``reduce_window`` through an argmax search (four int32 index
     arrays of the input's size) and a scatter, which took about a fifth of a ResNet-18
