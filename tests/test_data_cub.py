@@ -209,10 +209,16 @@ def test_prepared_stock_caltech_birds2011_is_accepted(tmp_path):
     _StockFormatBirds.cub_root = cub_root
     stock = _StockFormatBirds(data_dir=str(tmp_path / "tfds"), file_format="tfrecord")
     stock.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    target = data.load_target("cub_200_2011", data_dir=tmp_path / "tfds", validation_fraction=0.0)
+    # The stock builder always declares 200 classes (names come from the class folders present):
+    # the 197 without images are an error unless allowed, then a warning.
+    with pytest.raises(data.DatasetFormatError, match="197 of 200 classes without training images"):
+        data.load_target("cub_200_2011", data_dir=tmp_path / "tfds", validation_fraction=0.0)
+    target = data.load_target("cub_200_2011", data_dir=tmp_path / "tfds", validation_fraction=0.0,
+                              allow_empty_classes=True)
     assert target.name == "caltech_birds2011"
+    assert [w.split(":")[1] for w in target.warnings] == [" 197 of 200 classes without training images in the train split",
+                                                          " 197 of 200 classes without test images"]
     index, classes = read_index_files(cub_root)
-    # The stock builder always declares 200 classes; names come from the class folders present.
     assert target.num_classes == 200
     assert target.class_names[:3] == tuple(classes[c] for c in sorted(classes))
     names = {p: name for p, name, *_ in index.values()}

@@ -75,6 +75,13 @@ def test_stanford_dogs_target_from_manual_tars(tmp_path, monkeypatch):
         for example_id, label in zip(source.ids, source.labels):
             assert example_id.split("/")[0].lower() == target.class_names[label]
     assert all(i.endswith(("_0.jpg", "_1.jpg")) for i in [*target.train.ids, *target.validation.ids])
+    # A stock build records its manual archives (size and time): a changed one is named, not read from.
+    lists = tmp_path / "manual" / "lists.tar"
+    lists.write_bytes(lists.read_bytes() + bytes(512))
+    with pytest.raises(data.DatasetFormatError, match=f"{lists} changed from .* bytes since it was prepared; "
+                                                      "rebuild it: delete "):
+        data.load_target("stanford_dogs", data_dir=tmp_path / "tfds", manual_dir=tmp_path / "manual",
+                         validation_per_class=1)
 
 
 def test_missing_stanford_dogs_files_are_named(tmp_path):

@@ -11,7 +11,9 @@ Typical use::
     batch = next(steps)  # {'inner': {'image', 'label'}, 'outer': {...}, 'auxiliary': {...}}
     for batch in data.eval_stream(target.validation, per_device_batch=64): ...
 
-Missing files raise :class:`DatasetNotFoundError` with a one-line message; see docs/data.md.
+Missing files raise :class:`DatasetNotFoundError`, bad images :class:`CorruptImageError`, empty
+classes and files changed since a dataset was prepared :class:`DatasetFormatError`, each with a
+one-line message naming the file or class and the fix; see docs/data.md.
 
 The modules, by concern (each imports only those above it: docs/architecture.md,
 tests/test_architecture.py):
@@ -46,7 +48,8 @@ from fgnet_jax.data._compat import hide_accelerators_from_tensorflow  # noqa: E4
 from fgnet_jax.data.datasets import TargetData, load_auxiliary, load_target  # noqa: E402
 from fgnet_jax.data.errors import CorruptImageError, DatasetFormatError, DatasetNotFoundError  # noqa: E402
 from fgnet_jax.data.image_folder import index_image_folder, load_image_folder  # noqa: E402
-from fgnet_jax.data.preparation import prepare_tfds, require_target_files  # noqa: E402
+from fgnet_jax.data.images import ON_CORRUPT_POLICIES  # noqa: E402
+from fgnet_jax.data.preparation import SOURCE_CHANGE_POLICIES, prepare_tfds, require_target_files  # noqa: E402
 from fgnet_jax.data.preprocessing import (  # noqa: E402
     AUGMENTATIONS,
     IMAGENET_MEAN,
@@ -81,6 +84,8 @@ __all__ = [
     "TARGET_DATASETS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ON_CORRUPT_POLICIES",
+    "SOURCE_CHANGE_POLICIES",
     "BatchLayout",
     "CorruptImageError",
     "DatasetFormatError",

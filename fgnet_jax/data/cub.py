@@ -205,6 +205,18 @@ def read_cub_index(location: CubLocation) -> tuple[list[str], list[CubRecord]]:
     return parse_cub_index(texts)
 
 
+def cub_source_files(location: CubLocation) -> tuple[Path, list[str], list[str]]:
+    """What a build from ``location`` reads, for telling later whether it changed cheaply:
+    (root, files to compare by content, files to compare by size and modification time), the
+    file names relative to root. An extracted folder: the index files by content, every listed
+    image by size and time; an archive: the archive by size and time (reading 1.1 GB to hash
+    it would cost as much as the build)."""
+    if location.is_archive:
+        return location.path.parent, [], [location.path.name]
+    _, records = read_cub_index(location)
+    return location.path, list(CUB_INDEX_FILES), [f"images/{record.path}" for record in records]
+
+
 def iter_cub_images(location: CubLocation, paths: Sequence[str]) -> Iterator[tuple[str, bytes | None]]:
     """Yields (relative path, encoded bytes) for the wanted images; bytes is None if the file is
     missing. Folder: in the given order. Archive: in archive order, then the missing ones."""
@@ -298,12 +310,12 @@ class Cub2002011(tfds.core.GeneratorBasedBuilder):
             record = by_path[path]
             try:
                 if data is None:
-                    raise CorruptImageError(f"missing image {CUB_FOLDER}/images/{path} (listed in images.txt)")
+                    raise CorruptImageError(f"{CUB_FOLDER}/images/{path}", "missing (listed in images.txt)")
                 info = inspect_image(data, f"{CUB_FOLDER}/images/{path}")
             except CorruptImageError as error:
                 if self._on_corrupt == "error":
                     raise
-                log.warning("skipping %s", error)
+                log.warning("skipping %s: %s", error.file, error.problem)
                 self.info.metadata["skipped_images"][split].append(path)
                 continue
             yield path, {

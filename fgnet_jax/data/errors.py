@@ -1,10 +1,14 @@
 """Exceptions raised by the data package.
 
-Both derive from ``ValueError`` so callers that only know "bad input" can catch them as such;
+All derive from ``ValueError`` so callers that only know "bad input" can catch them as such;
 their messages are single lines meant to be printed without a traceback.
 """
 
 from __future__ import annotations
+
+# How to go on without the bad images: the end of every CorruptImageError message.
+SKIP_HINT = ("pass on_corrupt='skip' (python -m experiments.cub_200: --config.on_corrupt=skip) "
+             "to leave bad images out and list them")
 
 
 class DatasetNotFoundError(ValueError):
@@ -15,9 +19,23 @@ class DatasetNotFoundError(ValueError):
 
 
 class CorruptImageError(ValueError):
-    """An image could not be decoded (truncated or corrupt file); the message names the file."""
+    """An image that cannot be used (missing, empty, not an image, truncated, a format TensorFlow
+    cannot decode).
+
+    The message is one line: the file, what is wrong in words, and :data:`SKIP_HINT`.
+    ``file`` and ``problem`` hold the first two (for logs of skipped images).
+    """
+
+    def __init__(self, file: str, problem: str):
+        self.file = file
+        self.problem = problem
+        super().__init__(f"bad image {file}: {problem}; {SKIP_HINT}")
+
+    def __reduce__(self):  # picklable although __init__ takes two arguments
+        return type(self), (self.file, self.problem)
 
 
 class DatasetFormatError(ValueError):
-    """Source files exist but do not follow the dataset's documented format (the message names
-    the file and the offending line or entry)."""
+    """Source files exist but do not follow the dataset's documented format, or cannot train a
+    model as they are (empty classes, files changed since the dataset was prepared); the message
+    names the file, class or entry and the fix."""

@@ -60,7 +60,7 @@ def file_problem(path: Path, verify: str) -> CorruptImageError | None:
     try:
         data = path.read_bytes()
     except OSError as error:
-        return CorruptImageError(f"unreadable image {path}: {error}")
+        return CorruptImageError(str(path), f"unreadable file ({error.strerror or error})")
     return image_problem(data, str(path), verify)
 
 

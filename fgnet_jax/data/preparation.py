@@ -9,9 +9,11 @@ it, before TFDS would fall back to a download.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from fgnet_jax.data import cub
@@ -58,26 +60,142 @@ def _require_manual_files(name: str, data_dir: Path, manual: Path) -> None:
         raise DatasetNotFoundError(_not_found_message(spec, data_dir, manual))
 
 
+# Beside dataset_info.json: what a dataset prepared here was built from (see source_change).
+SOURCES_FILE = "fgnet_jax_sources.json"
+SOURCES_FORMAT = 1
+# What to do with a prepared dataset whose manual files changed since it was built.
+SOURCE_CHANGE_POLICIES = ("error", "rebuild", "ignore")
+
+
+def check_on_source_change(on_source_change: str) -> str:
+    if on_source_change not in SOURCE_CHANGE_POLICIES:
+        raise ValueError(f"on_source_change must be one of {SOURCE_CHANGE_POLICIES}, got {on_source_change!r}")
+    return on_source_change
+
+
+def _content(path: str | Path) -> str | None:
+    """The SHA-256 of a file's bytes, None for a missing file."""
+    try:
+        with open(path, "rb") as handle:
+            return "sha256:" + hashlib.sha256(handle.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _size_and_time(path: str | Path) -> list[int] | None:
+    """[size, mtime_ns], None for a missing file (a listed image the build skipped)."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _sources(name: str, manual: Path) -> dict:
+    """The fingerprint of the files a build of ``name`` from ``manual`` reads: index files by
+    content, images and archives by size and modification time (a stat each: cheap)."""
+    if name == "cub_200_2011":
+        root, by_content, by_stat = cub.cub_source_files(cub.locate_cub(manual))
+    else:
+        root, by_content, by_stat = manual, [], list(SPECS[name].manual_files)
+    files = {file: _content(root / file) for file in by_content}
+    files.update({file: _size_and_time(root / file) for file in by_stat})
+    return {"format": SOURCES_FORMAT, "root": os.path.relpath(root, manual), "files": files}
+
+
+def _write_sources(dataset_dir: Path, sources: dict) -> None:
+    temporary = dataset_dir / f"{SOURCES_FILE}.tmp{os.getpid()}"
+    temporary.write_text(json.dumps(sources))
+    os.replace(temporary, dataset_dir / SOURCES_FILE)
+
+
+def source_change(dataset_dir: Path, manual: Path) -> str | None:
+    """How the files ``dataset_dir`` was prepared from differ now in ``manual``, or None.
+
+    None as well when nothing can be compared: a dataset prepared without a record (by an
+    earlier version, or by ``tfds build``) or whose manual files are all gone (deleted after
+    preparing: the prepared copy is then used as it is). Costs a stat per recorded file (CUB
+    from its folder: 11,788 images) and hashing the index files (CUB: about 2 MB); the images
+    themselves are not read.
+    """
+    try:
+        recorded = json.loads((dataset_dir / SOURCES_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if recorded.get("format") != SOURCES_FORMAT:
+        return None
+    root = manual / recorded["root"]
+    files = recorded["files"]
+    if not any((root / file).exists() for file in files):
+        return None
+    for file, before in files.items():  # os.path and one stat a file: CUB's 11,788 in about 0.1 s
+        path = os.path.join(root, file)
+        now = _content(path) if isinstance(before, str) else _size_and_time(path)
+        if now == before:
+            continue
+        if before is None:  # missing when the dataset was built
+            return f"{path} was added"
+        if now is None:
+            return f"{path} was removed"
+        if isinstance(before, str):
+            return f"{path} changed"
+        if now[0] != before[0]:
+            return f"{path} changed from {before[0]} to {now[0]} bytes"
+        return f"{path} was modified (same size, new modification time)"
+    return None
+
+
+def _checked_prepared(name: str, prepared: Path, manual: Path, on_source_change: str) -> Path | None:
+    """``prepared`` if it may be used; None after deleting it for a rebuild."""
+    change = source_change(prepared, manual)
+    if change is None:
+        return prepared
+    if on_source_change == "ignore":
+        log.warning("using %s as it is although %s since it was prepared (on_source_change='ignore')", prepared, change)
+        return prepared
+    if on_source_change == "error":
+        raise DatasetFormatError(
+            f"{name} in {prepared} no longer matches its source files: {change} since it was prepared; "
+            f"rebuild it: delete {prepared} "
+            "or pass on_source_change='rebuild' (python -m experiments.cub_200: --config.on_source_change=rebuild), "
+            "or use it as it is: on_source_change='ignore'"
+        )
+    log.warning("rebuilding %s: %s since it was prepared", name, change)
+    shutil.rmtree(prepared)
+    return None
+
+
 def prepare_tfds(
     name: str,
     *,
     data_dir: str | os.PathLike | None = None,
     manual_dir: str | os.PathLike | None = None,
     on_corrupt: str = "error",
+    on_source_change: str = "error",
 ) -> Path:
     """Builds a TFDS dataset from manual files (ArrayRecord format) unless already prepared.
 
     Returns the prepared version directory. Raises DatasetNotFoundError before TFDS would fall
     back to a download.
+
+    A dataset prepared here records what it was built from (:data:`SOURCES_FILE`). While its
+    manual files are present, a later call compares them (:func:`source_change`: a stat per
+    image, index files hashed, no image read) and, when one changed, ``on_source_change``
+    decides: "error" (a DatasetFormatError naming the file and the two fixes), "rebuild"
+    (delete the prepared copy and prepare again), "ignore" (use it, with a warning). Without
+    the manual files the prepared copy is used as it is.
     """
     import tensorflow_datasets as tfds
 
+    check_on_source_change(on_source_change)
     spec = SPECS[name]
     data_dir = default_data_dir(data_dir)
+    manual = default_manual_dir(data_dir, manual_dir)
     prepared = find_prepared(data_dir, name)
     if prepared is not None:
-        return prepared
-    manual = default_manual_dir(data_dir, manual_dir)
+        prepared = _checked_prepared(name, prepared, manual, on_source_change)
+        if prepared is not None:
+            return prepared
     _require_manual_files(name, data_dir, manual)
     try:  # TFDS 4.9 imports it to prepare a dataset but declares it only for Python < 3.9
         import importlib_resources  # noqa: F401
@@ -93,10 +211,12 @@ def prepare_tfds(
         builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
     log.info("preparing %s in %s from %s", name, data_dir, manual)
     _announce_reading(builder, name, manual)
+    sources = _sources(name, manual)  # before reading them: a change during the build shows next time
     builder.download_and_prepare(
         download_dir=os.fspath(data_dir / "downloads"),
         download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual), try_download_gcs=False),
     )
+    _write_sources(Path(builder.data_dir), sources)
     return Path(builder.data_dir)
 
 
@@ -145,8 +265,6 @@ def random_access_dir(dataset_dir: Path, cache_dir: Path, allow_conversion: bool
 
 
 def _convert_to_array_record(dataset_dir: Path, copy_dir: Path, info) -> None:
-    import shutil
-
     import tensorflow as tf
     from tensorflow_datasets.core import file_adapters
 

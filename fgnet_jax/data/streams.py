@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
+from fgnet_jax.data.errors import DatasetFormatError
 from fgnet_jax.data.preprocessing import AUGMENTATIONS, preprocess_eval, preprocess_train
 from fgnet_jax.data.sources import ImageSource, stable_hash
 
@@ -119,9 +120,10 @@ def default_layout(
 class ShuffledOrder:
     """Position -> (example, epoch) for the epoch-wise reshuffled infinite stream."""
 
-    def __init__(self, num_examples: int, seed: int, stream: str):
+    def __init__(self, num_examples: int, seed: int, stream: str, source_name: str = "the source"):
         if num_examples < 1:
-            raise ValueError(f"cannot shuffle an empty source (stream {stream!r})")
+            raise DatasetFormatError(f"{source_name} has no images to draw {stream} training batches from (it is "
+                                     "empty, or every image was skipped as unreadable): add images to it")
         self.num_examples = num_examples
         self.seed = seed
         self.stream = stream
@@ -240,7 +242,7 @@ def _shuffled_dataset(
 ) -> tf.data.Dataset:
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation {augmentation!r}; choose one of {', '.join(AUGMENTATIONS)}")
-    order = ShuffledOrder(len(source), seed, stream)
+    order = ShuffledOrder(len(source), seed, stream, source.name)
 
     def plan(batch: int):
         positions, epochs = order(layout.local_positions(batch))
