@@ -78,6 +78,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
         require(problem is None, f"config.model.dtype='bfloat16': {problem}; use --config.model.dtype=float32")
     require(config.image_size >= 32, f"config.image_size={config.image_size}: must be >= 32")
     require(0 <= config.validation_fraction < 1, f"config.validation_fraction={config.validation_fraction}: must be in [0, 1)")
+    require(config.on_corrupt in data_lib.ON_CORRUPT_POLICIES,
+            f"config.on_corrupt={config.on_corrupt!r}: choose one of {', '.join(data_lib.ON_CORRUPT_POLICIES)}")
+    require(isinstance(config.get("allow_empty_classes", False), bool),
+            f"config.allow_empty_classes={config.get('allow_empty_classes')!r}: must be True or False")
+    require(config.get("on_source_change", "error") in data_lib.SOURCE_CHANGE_POLICIES,
+            f"config.on_source_change={config.get('on_source_change')!r}: choose one of "
+            f"{', '.join(data_lib.SOURCE_CHANGE_POLICIES)}")
     for name in ("backbone_lr", "target_head_lr", "auxiliary_head_lr", "weight_decay"):
         value = config.optimizer[name]
         require(value >= 0, f"config.optimizer.{name}={value}: must be >= 0")
@@ -132,6 +139,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
 
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
         require(config[name] >= 1, f"config.{name}={config[name]}: must be >= 1")
+    factor = config.get("divergence_factor")
+    require(factor is None or (isinstance(factor, (int, float)) and not isinstance(factor, bool)
+                               and (factor == 0 or factor > 1)),
+            f"config.divergence_factor={factor!r}: must be a number > 1 (a loss this many times its early value "
+            "stops the run), or 0 to turn the check off")
 
 
 def bfloat16_problem(device) -> str | None:

@@ -7,6 +7,13 @@ augmentation are pure functions of (seed, step) and the training state carries e
 else, so a stage resumed from a checkpoint continues exactly as the uninterrupted run would
 have (bit for bit on CPU). ``result.json`` is written only when the stage is complete; a
 rerun then skips the stage and reads its output checkpoint.
+
+Divergence stops a stage (:class:`~experiments.context.NonFiniteLossError`, exit code 3 on the
+command line) before anything diverged is written: a NaN/Inf in the metrics brought to the
+host, a NaN/Inf anywhere in the state about to be checkpointed (one on-device reduction per
+save, :func:`all_finite`), or a loss that grew past ``config.divergence_factor`` times its
+early value (:class:`DivergenceCheck`). The one-line message names the stage's last checkpoint
+on disk (or says there is none) and the settings of the stage's step size.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import time
 from typing import Callable, Iterator, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from experiments.compilation import CompileCounter
@@ -57,6 +65,54 @@ class StageSpec:
     eval_fn: Callable | None  # data-parallel eval step; None: the stage is never evaluated
     eval_every: int = 0  # steps; 0: never (besides the last step when eval_fn is set)
     output_step: int | None = None  # pin this step's state as the stage's output
+    # Config keys (without "config.") of the stage's step sizes, named when the stage diverges.
+    step_size_settings: tuple[str, ...] = ()
+
+
+# Losses that make a stage's early value (DivergenceCheck).
+EARLY_LOSSES = 5
+
+
+class DivergenceCheck:
+    """Whether a stage's loss has exploded while staying finite.
+
+    The early value is the median of the stage's first ``EARLY_LOSSES`` losses brought to the
+    host: step 1's (the loss of the state the stage starts from) and those of the logged steps
+    after it. Every loss brought to the host (log, checkpoint and evaluation steps) is compared
+    with the median of the early losses before it: more than ``factor`` times that is
+    divergence. A loss joins the early ones (step 1's and logged ones only) after passing
+    the comparison. ``factor`` 0 or None: off. The early losses travel in the periodic checkpoints'
+    meta (``early_losses``), so a resumed stage compares with what the uninterrupted one would.
+    """
+
+    def __init__(self, factor: float | None, early_losses: Sequence[float] = ()):
+        self.factor = float(factor or 0.0)
+        self.early_losses = [float(v) for v in early_losses][:EARLY_LOSSES]
+
+    def early_value(self) -> float | None:
+        return float(np.median(self.early_losses)) if self.early_losses else None
+
+    def diverged(self, loss: float) -> bool:
+        early = self.early_value()
+        return self.factor > 0 and early is not None and early > 0 and loss > self.factor * early
+
+    def observe(self, loss: float) -> None:
+        """A logged (or step 1's) loss that passed :meth:`diverged`."""
+        if len(self.early_losses) < EARLY_LOSSES:
+            self.early_losses.append(float(loss))
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def all_finite(tree) -> bool:
+    """Whether every float leaf of a device pytree (a replicated state, either parallel path) is
+    finite: one compiled reduction on the devices, one boolean to the host."""
+    return bool(np.asarray(_all_finite(tree).addressable_shards[0].data))
 
 
 _STEP_CACHE: dict = {}
@@ -186,26 +242,30 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
     if result is not None:  # completed by an earlier invocation: its record, marked as such for the report
         return _stage_output(checkpointer, template, spec), dict(result, session="earlier")
 
-    state, elapsed, start = template, 0.0, 0
+    state, elapsed, start, meta = template, 0.0, 0, {}
     if checkpointer.latest_step() is not None:
         state, meta = checkpointer.restore_latest(template)
         start, elapsed = int(state.step), float(meta.get("elapsed_seconds", 0.0))
-        ctx.logger.forget_after(spec.name, start)
         print(f"{spec.name}: resuming from step {start} ({directory})", file=sys.stderr)
+    # Records logged after the state this session starts from (an interrupted session's, whose
+    # checkpoint was never written, even with no checkpoint at all): its steps are logged again.
+    ctx.logger.forget_after(spec.name, start)
     validation = ctx.target.validation
     config = ctx.config
     parallel = ctx.parallel
     replicated = parallel.put_state(jax.device_get(state))
-    last_saved = start
+    divergence = DivergenceCheck(config.get("divergence_factor"), meta.get("early_losses", ()))
 
     def host_state(replicated_state):
         return parallel.host_state(replicated_state)
 
     def save(step: int, replicated_state) -> None:
-        nonlocal last_saved
         checkpointer.save(step, host_state(replicated_state),
-                          meta={"stage": spec.name, "elapsed_seconds": elapsed + (time.time() - started)})
-        last_saved = step
+                          meta={"stage": spec.name, "elapsed_seconds": elapsed + (time.time() - started),
+                                "early_losses": divergence.early_losses})
+
+    def diverged(step: int, what: str) -> NonFiniteLossError:
+        return NonFiniteLossError(divergence_message(ctx.config, spec, checkpointer, step, what))
 
     def evaluation_due(step: int) -> bool:
         if spec.eval_fn is None:
@@ -241,16 +301,28 @@ def run_stage(ctx: Context, spec: StageSpec) -> tuple[TrainState, dict]:
             bar.update(1)
             stop_now = _stop_requested(ctx, spec.name, step)
             log_now = step % config.log_every == 0 or step == spec.steps
-            if log_now or stop_now or step % config.checkpoint_every == 0 or evaluation_due(step):
+            saving = (step % config.checkpoint_every == 0 or step == spec.steps or stop_now
+                      or step == spec.output_step or evaluation_due(step))
+            # Step 1's loss too (the first step waited for the state anyway): the first early loss.
+            if log_now or saving or step == 1:
                 host_metrics = {k: float(v) for k, v in parallel.host_values(metrics).items()}
                 if not all(math.isfinite(v) for v in host_metrics.values()):
-                    raise NonFiniteLossError(
-                        f"{spec.name}: non-finite metrics at step {step} ({_format(host_metrics)}); "
-                        f"the last good checkpoint is step {last_saved} in {directory}"
-                    )
-                bar.set_postfix(loss=f"{host_metrics['loss']:.3f}", refresh=False)
+                    raise diverged(step, f"non-finite metrics ({_format(host_metrics)})")
+                loss = host_metrics["loss"]
+                if divergence.diverged(loss):
+                    raise diverged(step, f"the loss diverged: {loss:.4g} is over config.divergence_factor="
+                                         f"{divergence.factor:g} times the stage's early loss "
+                                         f"{divergence.early_value():.4g} (config.divergence_factor=0 turns "
+                                         "this check off)")
+                if log_now or step == 1:
+                    divergence.observe(loss)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
                 if log_now:
                     ctx.logger.write(spec.name, step, host_metrics)
+            # No checkpoint (periodic, best or pinned) holds a non-finite value.
+            if saving and not all_finite(replicated):
+                raise diverged(step, "non-finite values in the state to be checkpointed (parameters, optimiser "
+                                     "state or BatchNorm statistics), not saved")
             if evaluation_due(step):
                 params, stats = parallel.host_state((replicated.params, replicated.batch_stats))
                 val = evaluate(ctx, params, stats, validation, spec.eval_fn)
@@ -330,6 +402,26 @@ def _stage_output(checkpointer: StageCheckpointer, template: TrainState, spec: S
 def _device_batch(batch: dict) -> dict:
     """Drop host-only entries (ids) before sending a batch to the devices."""
     return {k: (_device_batch(v) if isinstance(v, dict) else v) for k, v in batch.items() if k != "id"}
+
+
+def divergence_message(config, spec: StageSpec, checkpointer: StageCheckpointer, step: int, what: str) -> str:
+    """One line: what diverged at ``step``, the stage's last checkpoint on disk (or none), and
+    the settings of its step size."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        where = f"No checkpoint of {spec.name} exists: a rerun starts the stage from its beginning"
+    else:
+        where = (f"The last checkpoint of {spec.name} is step {latest} ({checkpointer.latest_path()}): a rerun "
+                 f"resumes from it, or starts the stage from its beginning once {checkpointer.directory} is removed")
+    settings = ", ".join(f"config.{key}={_setting(config, key)}" for key in spec.step_size_settings)
+    lower = f". Lower the step size: {settings} (a changed config needs --allow_config_change)" if settings else ""
+    return f"{spec.name}, step {step}: {what}. {where}{lower}"
+
+
+def _setting(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
 
 
 def _format(metrics: dict[str, float]) -> str:

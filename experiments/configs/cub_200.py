@@ -37,7 +37,13 @@ def get_config() -> ml_collections.ConfigDict:
     # Stratified hold-out of the train split for model selection (ours: the authors selected
     # models on the test split). 0: no validation; each stage's output is its final state.
     config.validation_fraction = 0.1
-    config.on_corrupt = "error"  # or "skip": leave unreadable images out and report them
+    config.on_corrupt = "error"  # or "skip": leave unreadable images out (WORKDIR/skipped_images.txt)
+    # A target class without training, validation or test images stops the run (one line naming
+    # it); True goes on with a warning, recorded in summary.json's "data_warnings".
+    config.allow_empty_classes = False
+    # A prepared dataset whose files in manual_dir changed after it was prepared (docs/data.md):
+    # "error" (stop, naming the file), "rebuild" (prepare it again), "ignore" (use it as it is).
+    config.on_source_change = "error"
 
     # Auxiliary data: an image folder root/<class>/<image> (the authors: the L-Bird subset,
     # 10,320 classes, 3.18 M images) or imagenet2012.
@@ -167,4 +173,8 @@ def get_config() -> ml_collections.ConfigDict:
     # A complete stage keeps only its output (best or pinned) checkpoint; True keeps its last
     # keep_checkpoints periodic ones too (to restart a finished stage from inside it).
     config.keep_periodic_checkpoints = False
+    # A stage stops (exit code 3, nothing diverged saved) when its loss exceeds this many times
+    # its early value (the median of its first losses: experiments.runner.DivergenceCheck), as
+    # it does on a NaN/Inf. 0 turns this check off (NaN/Inf still stop the run).
+    config.divergence_factor = 1000.0
     return config

@@ -64,6 +64,7 @@ def run(ctx: Context, start_variables: dict) -> tuple[dict, dict | None]:
         step_fn=runner.cached_step(_step, ctx.model, optimizer, ctx.parallel),
         eval_fn=None,
         output_step=stage.output_epoch * steps_in_epoch,
+        step_size_settings=(f"{NAME}.backbone_lr", f"{NAME}.auxiliary_head_lr"),
     )
     state, result = runner.run_stage(ctx, spec)
     return {"params": state.params, "batch_stats": state.batch_stats}, result

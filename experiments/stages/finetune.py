@@ -65,6 +65,7 @@ def run(ctx: Context, start_variables: dict) -> tuple[dict, dict | None]:
         step_fn=runner.cached_step(_step, ctx.model, optimizer, ctx.parallel),
         eval_fn=runner.cached_step(parallel_eval_step, ctx.model, ctx.parallel),
         eval_every=stage.eval_every_epochs * steps_in_epoch,
+        step_size_settings=(f"{NAME}.backbone_lr", f"{NAME}.target_head_lr"),
     )
     state, result = runner.run_stage(ctx, spec)
     return {"params": state.params, "batch_stats": state.batch_stats}, result

@@ -78,6 +78,8 @@ def run(ctx: Context, name: str, start_variables: dict, auxiliary_source) -> tup
         step_fn=runner.cached_step(_step, ctx.model, optimizer, meta_config, ctx.parallel),
         eval_fn=runner.cached_step(parallel_eval_step, ctx.model, ctx.parallel),
         eval_every=stage.eval_every,
+        step_size_settings=("optimizer.backbone_lr", "optimizer.target_head_lr", "optimizer.auxiliary_head_lr",
+                            "meta.inner_lr"),
     )
     state, result = runner.run_stage(ctx, spec)
     return {"params": state.params, "batch_stats": state.batch_stats}, result
