@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from experiments.config_checks import validate_config
-from experiments.workdir import MetricLogger, UsageError, claim_workdir
+from experiments.workdir import MetricLogger, UsageError, claim_workdir, replaced_atomically
 from fgnet_jax import data as data_lib
 from fgnet_jax import distributed
 from fgnet_jax.models import MetaFGNet
@@ -26,7 +26,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+    """Training diverged: a NaN/Inf in the metrics or in the state about to be checkpointed, or
+    a loss past ``config.divergence_factor`` times its early value (experiments.runner); nothing
+    diverged was saved, the stage's earlier checkpoints are kept."""
 
 
 class Interrupted(RuntimeError):
@@ -54,8 +56,13 @@ class StopFlag:
         return self.requested
 
     def _handle(self, signum, frame):
-        if self.requested:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+        if self.requested:  # a second Ctrl-C stops at once: one line, no traceback
+            sys.stdout.flush()
+            print(f"\nerror: {signal.Signals(signum).name} again: stopped at once, without saving; rerun the "
+                  "same command to resume from the last checkpoint", file=sys.stderr, flush=True)
+            # Every file of the run is written under a temporary name and renamed into place, so
+            # whatever was being written is either whole or a leftover the next run removes.
+            os._exit(130)
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop at once)",
               file=sys.stderr)
@@ -115,6 +122,10 @@ def build_context(config, workdir, stop, allow_config_change) -> Context:
 
 
 def _load_data(config, workdir):
+    """The target and auxiliary data; process 0 lists the images left out as unreadable in
+    WORKDIR/skipped_images.txt, one "target<TAB>id" or "auxiliary<TAB>id" per line (no file
+    when none was left out)."""
+    on_source_change = config.get("on_source_change", "error")
     target = data_lib.load_target(
         config.dataset,
         data_dir=config.data_dir or None,
@@ -122,6 +133,8 @@ def _load_data(config, workdir):
         validation_fraction=config.validation_fraction,
         validation_seed=config.seed,
         on_corrupt=config.on_corrupt,
+        allow_empty_classes=config.get("allow_empty_classes", False),
+        on_source_change=on_source_change,
     )
     auxiliary = data_lib.load_auxiliary(
         config.auxiliary.name,
@@ -130,5 +143,13 @@ def _load_data(config, workdir):
         manual_dir=config.manual_dir or None,
         on_corrupt=config.on_corrupt,
         cache_dir=os.path.join(workdir, "index_cache"),
+        on_source_change=on_source_change,
     )
+    path = os.path.join(workdir, "skipped_images.txt")
+    lines = [f"{role}\t{i}\n" for role, source in (("target", target), ("auxiliary", auxiliary)) for i in source.skipped]
+    if jax.process_index() == 0 and lines:
+        with replaced_atomically(path) as temporary, open(temporary, "w") as handle:
+            handle.writelines(lines)
+    elif jax.process_index() == 0 and os.path.exists(path):  # left by a session that skipped images
+        os.remove(path)
     return target, auxiliary

@@ -21,6 +21,7 @@ its shard of every batch; collectives span all processes (see docs/multihost.md)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -110,9 +111,22 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
+STORAGE_ERROR_EXIT = 74  # sysexits' EX_IOERR: the disk refused a write (full, read-only, not permitted)
+
+
+def _fail(message: str, code: int = 2, at_once: bool = False) -> None:
+    """Print ``error: message`` and exit with ``code``. ``at_once``: end the process without the
+    interpreter's shutdown, where the checkpoint writer's threads, failed with the disk, would
+    print their tracebacks after this line (only where this module is the program, never for
+    an in-process caller of :func:`command_line`)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if at_once and _IS_PROGRAM:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
+
+
+_IS_PROGRAM = False  # True when run as python -m experiments.cub_200 (set below)
 
 
 # An absl C++ log record ("I0000 00:00:1796324091.710041   24555 port.cc:153] ..."): its severity letter.
@@ -261,11 +275,18 @@ def main(argv) -> None:
         pipeline.validate_config(config, jax.device_count())
         if config.model.dtype == "float64":
             jax.config.update("jax_enable_x64", True)  # before the first array is made
-        if _DEMO.value:
-            if distributed.is_chief():
-                write_demo_data(config)
-            distributed.barrier("demo data written")
-        summary = pipeline.run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+        # The workdir is this run's before anything is written in it (the demo data included); a
+        # finished run is only read, so a read-only workdir still shows it.
+        lock = contextlib.ExitStack()
+        if distributed.is_chief() and not os.path.exists(os.path.join(workdir, "summary.json")):
+            pipeline.prepare_workdir(workdir)  # a file, under a file, not writable: one line now
+            lock.enter_context(pipeline.workdir_lock(workdir))  # another run on it: one line now
+        with lock:
+            if _DEMO.value:
+                if distributed.is_chief():
+                    write_demo_data(config)
+                distributed.barrier("demo data written")
+            summary = pipeline.run(config, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     except DatasetNotFoundError as error:
         _fail(f"{error} (or try the embedded demo: python -m experiments.cub_200 --demo --workdir DIR)")
     except (pipeline.UsageError, CorruptImageError, DatasetFormatError) as error:
@@ -274,6 +295,11 @@ def main(argv) -> None:
         _fail(str(error), code=3)
     except pipeline.Interrupted as error:
         _fail(str(error), code=130)
+    except Exception as error:  # a full disk, a read-only workdir: one line; anything else as it is
+        message = pipeline.storage_error_message(error, workdir)
+        if message is None:
+            raise
+        _fail(message, code=STORAGE_ERROR_EXIT, at_once=True)
     if not distributed.is_chief():
         return  # process 0 reports
     print(pipeline.format_summary(summary))
@@ -282,8 +308,8 @@ def main(argv) -> None:
 
 def command_line(argv: list[str]) -> None:
     """Run ``python -m experiments.cub_200 ARGS`` as ``command_line(["cub_200", *ARGS])``; ends
-    with SystemExit carrying the exit code (0, 2 for a usage error, 3 for a non-finite loss,
-    130 when interrupted).
+    with SystemExit carrying the exit code (0, 2 for a usage error, 3 when training diverged,
+    74 when the disk refused a write: full, read-only, not permitted; 130 when interrupted).
 
     Also callable in a process that is already running (the tests check the usage errors
     in-process): the flags of an earlier call are reset first. JAX may already be imported
@@ -301,4 +327,5 @@ def command_line(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _IS_PROGRAM = True
     command_line(sys.argv)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 import ml_collections
 
 from experiments import report
@@ -30,7 +31,8 @@ from experiments.context import AXIS, Interrupted, NonFiniteLossError, StopFlag,
 from experiments.report import format_summary  # noqa: F401
 from experiments.runner import cached_step, evaluate
 from experiments.stages import auxiliary_pretrain, finetune, meta_train, selection, start_weights
-from experiments.workdir import UsageError, read_json, write_json_atomic  # noqa: F401
+from experiments.workdir import UsageError, claim_workdir, prepare_workdir, read_json, workdir_lock  # noqa: F401
+from experiments.workdir import storage_error_message, write_json_atomic  # noqa: F401
 from fgnet_jax.train import parallel_eval_step
 
 
@@ -43,48 +45,52 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
     stages: dict[str, dict] = {}
     selection_info = None
     compilations = CompileCounter()
-    with stop or StopFlag() as stop_flag:
-        ctx = build_context(config, workdir, stop_flag, allow_config_change)
-        finished = None if allow_config_change else _finished_summary(workdir)
-        if finished is not None:
-            if ctx.is_chief:
-                print(f"{workdir} holds a finished run: its summary.json is reported, nothing is run "
-                      "(delete summary.json to evaluate its final model again)", file=sys.stderr)
-            # What this invocation compiled (nothing of the run's), not what the finished run did.
-            return dict(finished, compilations=compilations.summary())
+    is_chief = jax.process_index() == 0
+    # A finished run is only read (a read-only workdir shows it); anything else writes.
+    finished = None if allow_config_change else _finished_summary(workdir, config)
+    if finished is not None:
+        if is_chief:
+            print(f"{workdir} holds a finished run: its summary.json is reported, nothing is run "
+                  "(delete summary.json to evaluate its final model again)", file=sys.stderr)
+        # What this invocation compiled (nothing of the run's), not what the finished run did.
+        return dict(finished, compilations=compilations.summary())
+    if is_chief:
+        prepare_workdir(workdir)
+    with workdir_lock(workdir, enabled=is_chief):  # the whole run, its summary included
+        with stop or StopFlag() as stop_flag:
+            ctx = build_context(config, workdir, stop_flag, allow_config_change)
+            variables = start_weights.load(ctx)
+            variables, stages[auxiliary_pretrain.NAME] = auxiliary_pretrain.run(ctx, variables)
+            variables, stages["meta_train"] = meta_train.run(ctx, "meta_train", variables, ctx.auxiliary)
+            if config.meta_train_selected.steps > 0:
+                selected, selection_info = selection.run(ctx, variables, stages["meta_train"]["output_step"])
+                stages[selection.NAME] = {"wall_seconds": selection_info.get("wall_seconds", 0.0), "steps": 0,
+                                          **{k: v for k, v in selection_info.items() if k == "session"}}
+                variables, stages["meta_train_selected"] = meta_train.run(ctx, "meta_train_selected", variables, selected)
+            variables, stages[finetune.NAME] = finetune.run(ctx, variables)
 
-        variables = start_weights.load(ctx)
-        variables, stages[auxiliary_pretrain.NAME] = auxiliary_pretrain.run(ctx, variables)
-        variables, stages["meta_train"] = meta_train.run(ctx, "meta_train", variables, ctx.auxiliary)
-        if config.meta_train_selected.steps > 0:
-            selected, selection_info = selection.run(ctx, variables, stages["meta_train"]["output_step"])
-            stages[selection.NAME] = {"wall_seconds": selection_info.get("wall_seconds", 0.0), "steps": 0,
-                                      **{k: v for k, v in selection_info.items() if k == "session"}}
-            variables, stages["meta_train_selected"] = meta_train.run(ctx, "meta_train_selected", variables, selected)
-        variables, stages[finetune.NAME] = finetune.run(ctx, variables)
-
-        eval_fn = cached_step(parallel_eval_step, ctx.model, ctx.parallel)
-        test = evaluate(ctx, variables["params"], variables["batch_stats"], ctx.target.test, eval_fn)
-        validation = evaluate(ctx, variables["params"], variables["batch_stats"], ctx.target.validation, eval_fn)
-    stages = {name: result for name, result in stages.items() if result is not None}  # skipped stages
-    summary = report.summarise(ctx, stages, test, validation, selection_info)
-    summary["compilations"] = compilations.summary()
-    if ctx.is_chief:
-        write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-        report.plot_curves(ctx.logger.records(), os.path.join(workdir, "curves.png"))
+            eval_fn = cached_step(parallel_eval_step, ctx.model, ctx.parallel)
+            test = evaluate(ctx, variables["params"], variables["batch_stats"], ctx.target.test, eval_fn)
+            validation = evaluate(ctx, variables["params"], variables["batch_stats"], ctx.target.validation, eval_fn)
+        stages = {name: result for name, result in stages.items() if result is not None}  # skipped stages
+        summary = report.summarise(ctx, stages, test, validation, selection_info)
+        summary["compilations"] = compilations.summary()
+        if ctx.is_chief:
+            write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+            report.plot_curves(ctx.logger.records(), os.path.join(workdir, "curves.png"))
     return summary
 
 
-def _finished_summary(workdir: str) -> dict | None:
-    """The summary of a finished run in ``workdir``, or None.
+def _finished_summary(workdir: str, config: ml_collections.ConfigDict) -> dict | None:
+    """The summary of a finished run of ``config`` in ``workdir``, or None; reads only.
 
     summary.json is written after every stage and the test evaluation, so it marks a finished
     run; a stage whose result.json was removed since (to redo it) makes the run unfinished.
-    Called only when the workdir's recorded config is the current one (build_context checked
-    it, and no change was allowed), so the summary is this config's."""
+    A workdir recorded with another config is refused (UsageError), as a run would refuse it."""
     summary = read_json(os.path.join(workdir, "summary.json"))
     if summary is None:
         return None
+    claim_workdir(workdir, config, allow_config_change=False, write=False)
     stages = [name for name in summary.get("stages", {}) if name != selection.NAME]
     if not all(os.path.exists(os.path.join(workdir, name, "result.json")) for name in stages):
         return None

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 
 import jax
+
+from experiments.workdir import config_changes, replaced_atomically
 
 
 def summarise(ctx, stages: dict[str, dict], test: dict, validation: dict, selection_info: dict | None) -> dict:
@@ -28,6 +29,13 @@ def summarise(ctx, stages: dict[str, dict], test: dict, validation: dict, select
         "num_validation": len(ctx.target.validation),
         "num_test": len(ctx.target.test),
         "num_auxiliary": len(ctx.auxiliary),
+        # Settings changed while the run was under way (--allow_config_change, parallelism):
+        # its numbers are then not those of one config.
+        "config_changes": config_changes(ctx.workdir),
+        # Images left out as unreadable (config.on_corrupt="skip"; their ids: WORKDIR/skipped_images.txt)
+        # and classes without images let through by config.allow_empty_classes.
+        "skipped_images": {"target": len(ctx.target.skipped), "auxiliary": len(ctx.auxiliary.skipped)},
+        "data_warnings": list(ctx.target.warnings),
     }
 
 
@@ -71,9 +79,8 @@ def plot_curves(records: list[dict], path: str) -> None:
     figure = curves_figure(records)
     if figure is None:
         return
-    temporary = f"{path}.tmp-{os.getpid()}.png"
-    figure.savefig(temporary, dpi=90)
-    os.replace(temporary, path)
+    with replaced_atomically(path, ".png") as temporary:
+        figure.savefig(temporary, dpi=90)
 
 
 def format_summary(summary: dict) -> str:
@@ -111,6 +118,11 @@ def format_summary(summary: dict) -> str:
     lines.append(f"validation top-1: {'-' if val is None else f'{100 * val:.2f}%'} ({summary['num_validation']} images)")
     lines.append(f"test top-1: {100 * summary['test_accuracy']:.2f}%  top-5: {100 * summary['test_top5']:.2f}% "
                  f"({summary['num_test']} images)")
+    for change in summary.get("config_changes") or []:
+        at = change["took_effect_at"]
+        settings = ", ".join(f"{key} {value['from']!r} -> {value['to']!r}" for key, value in change["settings"].items())
+        lines.append(f"config changed from {at['stage']}" + (f" step {at['step']}" if at["stage"] != "test" else "")
+                     + f" on: {settings}")
     compilations = summary.get("compilations")
     if compilations:
         lines.append(f"compilations: {compilations['compiled']} programs compiled, {compilations['cache_hits']} loaded "

@@ -32,7 +32,7 @@ invocation: a study refuses a workdir holding runs of the other kind (or of anot
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import os
 import shutil
@@ -345,40 +345,6 @@ def plot(study: dict, path: str) -> None:
     os.replace(temporary, path)
 
 
-_LOCK = ".study_running"
-
-
-def _claim(workdir: str) -> bool:
-    """Whether this process may run ``workdir`` (several study processes can share a study
-    directory: each run is claimed with a lock file holding the pid; a dead owner's is taken over)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, _LOCK)
-    for _ in range(2):
-        try:
-            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as existing:
-                    owner = int(existing.read().strip() or 0)
-                os.kill(owner, 0)
-                return owner == os.getpid()
-            except (ValueError, ProcessLookupError):
-                os.remove(path)  # the owner died: take over (the run resumes from its checkpoint)
-                continue
-            except PermissionError:
-                return False
-        with os.fdopen(handle, "w") as file:
-            file.write(str(os.getpid()))
-        return True
-    return False
-
-
-def _release(workdir: str) -> None:
-    path = os.path.join(workdir, _LOCK)
-    if os.path.exists(path):
-        os.remove(path)
-
-
 def _record(variant: str, seed: int, workdir: str, summary: dict) -> dict:
     steps = sum(summary["steps"].values())
     wall = sum(summary["wall_seconds"].values())
@@ -407,9 +373,9 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
     table is a smoke run's, whatever ``fast`` says."""
     from experiments import pipeline
     from experiments.compilation import CompileCounter
-    from experiments.workdir import read_json, write_json_atomic
+    from experiments.workdir import UsageError, prepare_workdir, read_json, workdir_lock, write_json_atomic
 
-    os.makedirs(root, exist_ok=True)
+    prepare_workdir(root)  # a file, under a file, not writable: one line before any work
     if demo:
         from experiments import cub_200
 
@@ -430,10 +396,14 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
         if summary is None and report_only:
             log(f"study: run {index}/{len(order)}: {variant} seed {seed} not finished, left out")
             continue
-        if summary is None and not _claim(workdir):
-            log(f"study: run {index}/{len(order)}: {variant} seed {seed} is running in another process "
-                f"(pid in {os.path.join(workdir, _LOCK)}), left to it")
-            continue
+        lock = contextlib.ExitStack()
+        if summary is None:
+            prepare_workdir(workdir)
+            try:  # several study processes can share a study folder: each run is one process's
+                lock.enter_context(workdir_lock(workdir))
+            except UsageError as busy:
+                log(f"study: run {index}/{len(order)}: {variant} seed {seed} left to another process: {busy}")
+                continue
         if summary is None:
             remaining = len(order) - index + 1
             eta = f", study left ~{_clock(remaining * sum(run_times) / len(run_times))}" if run_times else ""
@@ -445,10 +415,8 @@ def run_study(base_config, root: str, seeds: list[int], variants: list[str], *, 
                 log(f"study: {variant} seed {seed} starts with {', '.join(shared)} copied from another variant's run "
                     "(same settings)")
             run_started = time.time()
-            try:
+            with lock:  # held since the claim above; pipeline.run takes it again (re-entrant)
                 summary = pipeline.run(config, workdir)
-            finally:
-                _release(workdir)
             run_times.append(time.time() - run_started)
             log(f"study: run {index}/{len(order)} done in {_clock(run_times[-1])}: test top-1 "
                 f"{100 * summary['test_accuracy']:.1f}%")
@@ -526,8 +494,14 @@ def main(argv) -> None:
         cub_200._fail(str(error), code=3)
     except pipeline.Interrupted as error:
         cub_200._fail(f"{error} (the study resumes with the same command)", code=130)
+    except Exception as error:  # a full disk, a read-only folder: one line; anything else as it is
+        message = pipeline.storage_error_message(error, root)
+        if message is None:
+            raise
+        cub_200._fail(message, code=cub_200.STORAGE_ERROR_EXIT, at_once=True)
 
 
 if __name__ == "__main__":
+    cub_200._IS_PROGRAM = True  # the study is the program: its storage errors end it at once too
     cub_200._check_override_keys(sys.argv)
     app.run(main)

@@ -30,6 +30,7 @@ around each save, and every process reads the checkpoint back on restore.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from typing import Any, Mapping
@@ -48,6 +49,23 @@ PyTree = Any
 def _host(tree: PyTree) -> PyTree:
     """A host (numpy) copy, so saving never depends on device placement or donation."""
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+# Room a checkpoint needs beyond its arrays' bytes: Orbax's metadata and index files.
+_SPACE_MARGIN_BYTES = 16 * 2**20
+
+
+def _require_space(directory: str, array_bytes: int) -> None:
+    """``OSError(ENOSPC)`` before a save that the disk cannot hold, so that it fails at once, in
+    the caller's thread, instead of inside the writer's threads after part of it is on disk."""
+    folder = next((p for p in (directory, os.path.dirname(os.path.abspath(directory))) if os.path.isdir(p)), None)
+    if folder is None:
+        return
+    free = shutil.disk_usage(folder).free
+    needed = int(array_bytes * 1.05) + _SPACE_MARGIN_BYTES
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"No space left on device: a checkpoint needs about {needed / 2**20:.0f} MiB, "
+                                    f"{free / 2**20:.0f} MiB are free", directory)
 
 
 def weights_only(state) -> dict:
@@ -86,6 +104,11 @@ class StageCheckpointer:
 
     def latest_step(self) -> int | None:
         return self._latest.latest_step()
+
+    def latest_path(self) -> str | None:
+        """The directory of the latest periodic checkpoint, or None when there is none."""
+        step = self.latest_step()
+        return None if step is None else os.path.join(os.fspath(self._latest.directory), str(step))
 
     def best_step(self) -> int | None:
         return self._best.best_step()
@@ -152,9 +175,10 @@ class StageCheckpointer:
             shutil.rmtree(directory, ignore_errors=True)
         self._latest = _manager(os.fspath(directory), self._keep, best=False)
 
-    @staticmethod
-    def _args(state: PyTree, meta: Mapping[str, Any] | None) -> ocp.args.Composite:
-        return ocp.args.Composite(state=ocp.args.StandardSave(_host(state)), meta=ocp.args.JsonSave(dict(meta or {})))
+    def _args(self, state: PyTree, meta: Mapping[str, Any] | None) -> ocp.args.Composite:
+        host = _host(state)
+        _require_space(self.directory, sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(host)))
+        return ocp.args.Composite(state=ocp.args.StandardSave(host), meta=ocp.args.JsonSave(dict(meta or {})))
 
     @staticmethod
     def _restore(manager: ocp.CheckpointManager, step: int | None, template: PyTree) -> tuple[PyTree, dict]:

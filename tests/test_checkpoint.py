@@ -112,3 +112,29 @@ def test_weights_only_output_restores_into_a_train_state_from_a_new_process_view
             np.testing.assert_array_equal(a, b)
     reopened.discard_latest()
     assert not (tmp_path / "stage" / "latest").exists() or not any((tmp_path / "stage" / "latest").iterdir())
+
+
+def test_a_save_the_disk_cannot_hold_fails_at_once_and_writes_nothing(tmp_path, monkeypatch):
+    """Before Orbax writes anything: an ``OSError(ENOSPC)`` naming the folder and the sizes,
+    raised in the caller's thread, the earlier checkpoints untouched (``shutil.disk_usage`` is
+    made to report a nearly full disk)."""
+    import errno
+    import shutil as shutil_lib
+    from collections import namedtuple
+
+    from fgnet_jax import checkpoint as checkpoint_lib
+
+    checkpointer = StageCheckpointer(str(tmp_path / "stage"))
+    checkpointer.save(1, small_state(1))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))
+    for save in (lambda: checkpointer.save(2, small_state(2)), lambda: checkpointer.save_if_best(2, small_state(2), 0.5),
+                 lambda: checkpointer.save_pinned(2, small_state(2))):
+        with pytest.raises(OSError) as error:
+            save()
+        assert error.value.errno == errno.ENOSPC and error.value.filename == str(tmp_path / "stage")
+        assert "MiB are free" in error.value.strerror
+    monkeypatch.setattr(checkpoint_lib.shutil, "disk_usage", shutil_lib.disk_usage)
+    assert sorted(p.name for p in (tmp_path / "stage").rglob("*") if p.name.isdigit()) == ["1"]
+    restored, _ = StageCheckpointer(str(tmp_path / "stage")).restore_latest(small_state(0))
+    assert_trees_identical(restored, small_state(1))

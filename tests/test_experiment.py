@@ -10,10 +10,12 @@ calls (``experiments.cub_200.command_line``); the rerun of a finished workdir ke
 command line honest.
 """
 
+import errno
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -147,12 +149,37 @@ def test_demo_output_is_plain_lines_and_compiles_each_step_once(reference_run):
         assert not latest.exists() or not any(latest.iterdir()), stage
 
 
+def refuse_writes_under(monkeypatch, folder):
+    """Every write, rename, removal or new folder under ``folder`` fails as on a read-only disk."""
+    import builtins
+
+    def inside(path) -> bool:
+        return isinstance(path, (str, os.PathLike)) and os.path.abspath(path).startswith(str(folder))
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    real_open = builtins.open
+
+    def open_read_only(file, mode="r", *args, **kwargs):
+        if inside(file) and any(flag in mode for flag in "wax+"):
+            refuse(file)
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", open_read_only)
+    for name in ("makedirs", "mkdir", "replace", "rename", "remove", "unlink", "rmdir"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda path, *args, _real=real, **kwargs: refuse(path) if inside(path)
+                            else _real(path, *args, **kwargs))
+
+
 @pytest.mark.slow
-def test_rerun_of_finished_workdir_skips_all_work(reference_run, capsys):
+def test_rerun_of_finished_workdir_skips_all_work(reference_run, capsys, monkeypatch):
     """The same command again on the finished workdir (in this process, through the command
-    line's entry point): it reports the same result from the summary and runs nothing (no step
-    logged, no stage result or summary rewritten)."""
+    line's entry point), with the workdir read-only: it reports the same result from the
+    summary and runs nothing (no step logged, no stage result or summary rewritten)."""
     base, workdir, cache, _, _ = reference_run
+    refuse_writes_under(monkeypatch, workdir)
     before = (workdir / "summary.json").read_text()
     summary_written = (workdir / "summary.json").stat().st_mtime_ns
     metrics_before = (workdir / "metrics.jsonl").read_text()
@@ -168,6 +195,7 @@ def test_rerun_of_finished_workdir_skips_all_work(reference_run, capsys):
     assert (workdir / "summary.json").stat().st_mtime_ns == summary_written
     assert (workdir / "metrics.jsonl").read_text() == metrics_before
     assert {p.parent.name: p.stat().st_mtime_ns for p in workdir.glob("*/result.json")} == results_before
+    monkeypatch.undo()
 
 
 def _wait_for_checkpoint(process, checkpoint_dir, at_least, timeout=600):
@@ -184,16 +212,30 @@ def _wait_for_checkpoint(process, checkpoint_dir, at_least, timeout=600):
 
 
 @pytest.mark.slow
-def test_sigterm_then_kill_minus_nine_then_resume_matches_uninterrupted(reference_run):
-    """Stopped twice: SIGTERM in meta-training (checkpoint, then exit 130; a process that hung
-    at exit would fail at the generous wait below), then kill -9 in fine-tuning; the third run
-    resumes and ends with the uninterrupted run's parameters."""
+def test_full_disk_sigterm_kill_minus_nine_and_a_move_then_resume_matches_uninterrupted(reference_run):
+    """Stopped four ways: the disk fills while meta-training's step-4 checkpoint is written (one
+    line, exit 74, the half-written checkpoint never used), SIGTERM in meta-training (checkpoint,
+    then exit 130; a process that hung at exit would fail at the generous wait below), kill -9 in
+    fine-tuning; then the workdir is moved elsewhere, and the last run resumes there and ends
+    with the uninterrupted run's parameters and a metrics log holding every step once."""
     import shutil
 
     base, reference, cache, _, _ = reference_run
     workdir = base / "interrupted"
     # The demo data the first run would generate and prepare (deterministic: the same files).
     shutil.copytree(reference / "demo_data", workdir / "demo_data")
+    env = child_env(JAX_COMPILATION_CACHE_DIR=str(cache), TF_CPP_MIN_LOG_LEVEL="2")
+    full_disk = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fault_injection.py"), "meta_train", "4",
+                                "--demo", f"--workdir={workdir}", *TINY], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=900)
+    assert full_disk.returncode == 74, full_disk.stderr[-3000:]
+    last_line = full_disk.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: cannot write ") and "no space left on the device; free space there" in last_line
+    assert "Traceback" not in full_disk.stderr
+    assert not (workdir / "meta_train" / "latest" / "4").exists()
+    assert any(r["stage"] == "meta_train" and r["step"] == 4
+               for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()))  # logged, not saved
+
     process = run_demo(workdir, cache, wait=False)
     _wait_for_checkpoint(process, workdir / "meta_train" / "latest", 4)
     process.send_signal(signal.SIGTERM)
@@ -201,7 +243,9 @@ def test_sigterm_then_kill_minus_nine_then_resume_matches_uninterrupted(referenc
     assert process.returncode == 130, stderr[-3000:]
     assert "checkpoint saved, rerun the same command to resume" in stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr
+    assert "meta_train: resuming" not in stderr  # the full disk left no checkpoint to resume from
     assert not (workdir / "meta_train" / "result.json").exists()
+    assert not list(workdir.rglob("*orbax-checkpoint-tmp*"))  # the half checkpoint was cleaned away
 
     process = run_demo(workdir, cache, wait=False)
     _wait_for_checkpoint(process, workdir / "finetune" / "latest", 4)
@@ -210,24 +254,66 @@ def test_sigterm_then_kill_minus_nine_then_resume_matches_uninterrupted(referenc
     assert "meta_train: resuming from step" in stderr
     assert not (workdir / "finetune" / "result.json").exists()
 
-    code, stdout, stderr = run_demo(workdir, cache)
+    moved = base / "moved" / "interrupted"
+    moved.parent.mkdir()
+    shutil.move(workdir, moved)  # demo data, prepared dataset and checkpoints alike
+    code, stdout, stderr = run_demo(moved, cache)
     assert code == 0, stderr[-3000:]
     assert "finetune: resuming from step" in stderr
-    resumed = json.loads((workdir / "summary.json").read_text())
+    resumed = json.loads((moved / "summary.json").read_text())
     # The persistent cache (written by the reference run): the resumed run compiles nothing.
     assert resumed["compilations"]["compiled"] == 0 and resumed["compilations"]["cache_hits"] > 0, resumed["compilations"]
     assert all(stage.get("compiled", 0) == 0 for stage in resumed["stages"].values()), resumed["stages"]
+    assert resumed["config_changes"] == []  # moving the workdir changed no setting
     expected = json.loads((reference / "summary.json").read_text())
     for key in ("test_accuracy", "test_top5", "val_accuracy", "selected_fraction", "steps"):
         assert resumed[key] == expected[key], key
-    resumed_params, expected_params = final_params(workdir), final_params(reference)
+    resumed_params, expected_params = final_params(moved), final_params(reference)
     assert resumed_params.keys() == expected_params.keys()
     for name in expected_params:
         np.testing.assert_array_equal(resumed_params[name], expected_params[name], err_msg=name)
     # The metrics log holds each step once, as if never interrupted.
     records = [(r["stage"], r["step"], "val_accuracy" in r) for r in
-               map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())]
-    assert len(records) == len(set(records))
+               map(json.loads, (moved / "metrics.jsonl").read_text().splitlines())]
+    reference_records = [(r["stage"], r["step"], "val_accuracy" in r) for r in
+                         map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())]
+    assert sorted(records) == sorted(reference_records)
+
+
+@pytest.mark.slow
+def test_second_run_on_a_workdir_is_refused_and_a_second_ctrl_c_stops_at_once(reference_run, tmp_path, capsys):
+    """A run holds its workdir: a second run on it ends in one line naming the first's pid,
+    before writing anything. The first run, sent SIGINT twice (the first asks for a checkpoint
+    after the current step, here while the dataset is still being prepared), stops at once: exit
+    130, one line, no traceback; its lock dies with it."""
+    _, _, cache, _, _ = reference_run
+    workdir = tmp_path / "busy"
+    process = run_demo(workdir, cache, wait=False)
+    stdout_line = process.stdout.readline()  # "preparing cub_200_2011 (once) ...": inside the run, lock held
+    assert stdout_line.startswith("preparing cub_200_2011"), stdout_line + process.stderr.read()[-3000:]
+    code, stdout, stderr = command_line(capsys, "--demo", f"--workdir={workdir}", *TINY)
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        f"error: {workdir} is in use by another run (pid {process.pid} on {socket.gethostname()}, started "
+        f"{json.loads((workdir / '.lock').read_text())['started']}): wait for it to end or stop it, or use another "
+        "--workdir"), stderr
+
+    process.send_signal(signal.SIGINT)
+    lines = []
+    for line in process.stderr:  # wait until the first SIGINT is acknowledged
+        lines.append(line)
+        if "saving a checkpoint after this step" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    _, rest = process.communicate(timeout=120)
+    stderr = "".join(lines) + rest
+    assert process.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == ("error: SIGINT again: stopped at once, without saving; rerun the same "
+                                               "command to resume from the last checkpoint")
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    from experiments.workdir import workdir_lock
+
+    with workdir_lock(str(workdir)):  # free again
+        pass
 
 
 @pytest.mark.slow

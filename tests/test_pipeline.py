@@ -14,6 +14,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -183,6 +184,13 @@ def test_a_run_resumes_on_the_other_parallelism(tiny_run, tiny_config, tmp_path,
     summary = pipeline.run(config, str(workdir))  # no --allow_config_change needed
     assert "finetune: resuming from step 2" in capsys.readouterr().err
     assert summary["steps"] == reference_summary["steps"]
+    # ... but recorded, with where it took effect: the numbers are no longer one program's.
+    other = config.parallelism
+    before = {"shard_map": "pmap", "pmap": "shard_map"}[other]
+    assert [(c["settings"], c["took_effect_at"]) for c in summary["config_changes"]] == [
+        ({"parallelism": {"from": before, "to": other}}, {"stage": "finetune", "step": 2})]
+    assert (f"config changed from finetune step 2 on: parallelism {before!r} -> {other!r}"
+            in pipeline.format_summary(summary))
     expected_params = _latest_params(reference_dir / "finetune")
     resumed_params = _latest_params(workdir / "finetune")
     assert expected_params.keys() == resumed_params.keys()
@@ -210,14 +218,15 @@ def test_a_finished_run_is_its_summary_until_a_stage_result_is_removed(tmp_path)
     (the selection has none); removing a stage's result (to redo it) makes it unfinished."""
     summary = {"test_accuracy": 0.5, "stages": {"meta_train": {"steps": 4}, "selection": {"steps": 0},
                                                 "finetune": {"steps": 2}}}
-    assert pipeline._finished_summary(str(tmp_path)) is None  # an empty workdir
+    config = ml_collections.ConfigDict({"seed": 0})
+    assert pipeline._finished_summary(str(tmp_path), config) is None  # an empty workdir
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     for stage in ("meta_train", "finetune"):
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "result.json").write_text("{}")
-    assert pipeline._finished_summary(str(tmp_path)) == summary
+    assert pipeline._finished_summary(str(tmp_path), config) == summary
     (tmp_path / "finetune" / "result.json").unlink()
-    assert pipeline._finished_summary(str(tmp_path)) is None
+    assert pipeline._finished_summary(str(tmp_path), config) is None
 
 
 # ---------------------------------------------------------------- schedules and config errors
