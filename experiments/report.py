@@ -118,6 +118,12 @@ def format_summary(summary: dict) -> str:
     lines.append(f"validation top-1: {'-' if val is None else f'{100 * val:.2f}%'} ({summary['num_validation']} images)")
     lines.append(f"test top-1: {100 * summary['test_accuracy']:.2f}%  top-5: {100 * summary['test_top5']:.2f}% "
                  f"({summary['num_test']} images)")
+    skipped = {part: count for part, count in (summary.get("skipped_images") or {}).items() if count}
+    if skipped:
+        lines.append("skipped as unreadable: " + ", ".join(f"{count} {part} images" for part, count in skipped.items())
+                     + " (ids in skipped_images.txt)")
+    for warning in summary.get("data_warnings") or []:
+        lines.append(f"data warning: {warning}")
     for change in summary.get("config_changes") or []:
         at = change["took_effect_at"]
         settings = ", ".join(f"{key} {value['from']!r} -> {value['to']!r}" for key, value in change["settings"].items())

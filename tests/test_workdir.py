@@ -174,7 +174,10 @@ def test_a_moved_or_copied_workdir_keeps_its_config_and_changes_are_recorded(tmp
     assert all(c["took_effect_at"] == {"stage": "meta_train", "step": 20} for c in changes)
     summary = {"dataset": "d", "model": "m", "method": "first_order", "hardware": "h", "stages": {},
                "selected_fraction": None, "num_auxiliary": 1, "val_accuracy": None, "num_validation": 1,
-               "test_accuracy": 0.5, "test_top5": 1.0, "num_test": 2, "config_changes": changes}
+               "test_accuracy": 0.5, "test_top5": 1.0, "num_test": 2, "config_changes": changes,
+               "skipped_images": {"target": 0, "auxiliary": 3}, "data_warnings": ["class 7 has no test images"]}
     table = report.format_summary(summary)
+    assert "skipped as unreadable: 3 auxiliary images (ids in skipped_images.txt)" in table
+    assert "data warning: class 7 has no test images" in table
     assert "config changed from meta_train step 20 on: parallelism 'shard_map' -> 'pmap'" in table
     assert "config changed from meta_train step 20 on: meta.method 'hvp_jvp' -> 'first_order'" in table
