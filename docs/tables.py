@@ -1,0 +1,125 @@
+"""The tables and numbers the README and docs publish, generated from committed results files.
+
+A page marks each generated region::
+
+    <!-- generated: NAME (python docs/tables.py) -->
+    ...
+    <!-- end generated: NAME -->
+
+``python docs/tables.py`` rewrites every region of README.md and docs/*.md from its files;
+``python docs/tables.py --check`` changes nothing and exits 1 naming each region that differs
+from what its files give (tests/test_published_tables.py runs the check). A number typed by
+hand inside a region does not survive the next regeneration, and one that disagrees with its
+file fails the test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import re
+import statistics
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STUDY = ROOT / "experiments" / "results" / "study_demo"
+DEMO_RUNS = STUDY / "runs" / "exact_selection"  # the demo pipeline's own config, one file per seed
+REGION = re.compile(r"(<!-- generated: (?P<name>[a-z_]+) \(python docs/tables\.py\) -->\n)(?P<body>.*?)"
+                    r"(<!-- end generated: (?P=name) -->)", re.S)
+
+
+def _load(path: pathlib.Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _demo_runs() -> list[tuple[int, dict]]:
+    runs = sorted(DEMO_RUNS.glob("seed*.json"), key=lambda p: int(p.stem[4:]))
+    return [(int(path.stem[4:]), _load(path)) for path in runs]
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def demo_seeds() -> str:
+    """One row per seed of the demo's config: selection counts and accuracies."""
+    lines = ["| seed | kept related / unrelated (of 240 each) | val top-1 | test top-1 | test top-5 | stages' wall time |",
+             "|---:|---|---:|---:|---:|---:|"]
+    for seed, run in _demo_runs():
+        groups = run["selected_by_group"]
+        lines.append(f"| {seed} | {groups['related']['kept']} / {groups['unrelated']['kept']} | "
+                     f"{_percent(run['val_accuracy'])} | {_percent(run['test_accuracy'])} | "
+                     f"{_percent(run['test_top5'])} | {sum(run['wall_seconds'].values()):.0f} s |")
+    return "\n".join(lines)
+
+
+def demo_spread() -> str:
+    """The seeds' mean, spread and range, and how far one run may land from the mean."""
+    runs = [run for _, run in _demo_runs()]
+    test = [run["test_accuracy"] for run in runs]
+    val = [run["val_accuracy"] for run in runs]
+    mean, std = _mean_std(test)
+    walls = [sum(run["wall_seconds"].values()) for run in runs]
+    return (f"test top-1 {100 * mean:.1f} +- {100 * std:.1f}% (mean +- standard deviation over {len(runs)} seeds), "
+            f"min {_percent(min(test))}, max {_percent(max(test))}: one run, on any machine, may land anywhere in "
+            f"about that range (the seed, the hardware and the parallel path change float32 round-off, which "
+            f"training amplifies); validation top-1 {_percent(statistics.mean(val))} on average. The stages of "
+            f"one run took {min(walls):.0f}-{max(walls):.0f} s ({runs[0]['hardware']}, "
+            f"`{runs[0]['parallelism']}` step).")
+
+
+def study_table() -> str:
+    """The study's table, as experiments.study writes it into study.md, and its wall time."""
+    sys.path.insert(0, str(ROOT))
+    from experiments.study import format_table
+
+    study = _load(STUDY / "study.json")
+    minutes, seconds = divmod(round(study["wall_seconds"]), 60)
+    return (f"{format_table(study)}\n\nThe study process took {minutes} min {seconds:02d} s for its "
+            f"{len(study['runs'])} runs (`wall_seconds` in study.json).")
+
+
+GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table}
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+
+
+def regenerate(text: str, path: pathlib.Path) -> tuple[str, list[str]]:
+    """``text`` with every region regenerated, and the names of the regions that changed."""
+    changed = []
+
+    def replace(match: re.Match) -> str:
+        name = match["name"]
+        if name not in GENERATORS:
+            raise KeyError(f"{path}: unknown generated region {name!r} (known: {', '.join(GENERATORS)})")
+        body = GENERATORS[name]() + "\n"
+        if body != match["body"]:
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return REGION.sub(replace, text), changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a region is out of date")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in PAGES:
+        text = path.read_text()
+        new, changed = regenerate(text, path)
+        stale += [f"{path.relative_to(ROOT)}: {name}" for name in changed]
+        if changed and not args.check:
+            path.write_text(new)
+    if stale:
+        print(("out of date: " if args.check else "regenerated: ") + "; ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""Every generated region of the README and docs (docs/tables.py) says what its results files say."""
+
+import importlib.util
+import json
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_tables():
+    spec = importlib.util.spec_from_file_location("published_tables", ROOT / "docs" / "tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_generated_region_matches_its_files(capsys):
+    tables = load_tables()
+    assert tables.main(["--check"]) == 0, capsys.readouterr().out
+    readme = (ROOT / "README.md").read_text()
+    assert {match["name"] for match in tables.REGION.finditer(readme)} >= {"demo_seeds", "demo_spread", "study"}
+
+
+def test_a_number_that_disagrees_with_its_file_is_caught(tmp_path, monkeypatch):
+    """The check reads the files, not the page: a changed results file makes the page stale."""
+    tables = load_tables()
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for path in tables.DEMO_RUNS.glob("seed*.json"):
+        run = json.loads(path.read_text())
+        if path.stem == "seed0":
+            run["test_accuracy"] += 0.01  # one run's result re-measured
+        (runs / path.name).write_text(json.dumps(run))
+    monkeypatch.setattr(tables, "DEMO_RUNS", runs)
+    text = (ROOT / "README.md").read_text()
+    regenerated, changed = tables.regenerate(text, ROOT / "README.md")
+    assert set(changed) == {"demo_seeds", "demo_spread"} and regenerated != text
+    assert tables.regenerate(regenerated, ROOT / "README.md")[1] == []  # regenerating twice changes nothing more
