@@ -2,7 +2,7 @@
 
 Layout of a stage's directory::
 
-    DIR/latest/<step>/   the last ``keep`` periodic / stage-end checkpoints
+    DIR/latest/<step>/   the last N (keep=N) periodic / stage-end checkpoints
     DIR/best/<step>/     the single best checkpoint by validation accuracy
     DIR/pinned/<step>/   checkpoints kept for good (e.g. the state a next stage starts from)
 

@@ -90,6 +90,7 @@ def initialize(
 
 
 def is_chief() -> bool:
+    """Whether this is process 0, the one that writes logs and summaries."""
     import jax
 
     return jax.process_index() == 0

@@ -152,11 +152,13 @@ __all__ = [
     "mean_gradients",
 ]
 
+#: The methods of :func:`meta_value_and_grad` (its ``method``); :data:`METHOD_OPTIONS` says
+#: what each is.
 METHODS = ("exact", "hvp_vjp", "hvp_jvp", "first_order")
-# How :func:`adapt`'s derivative forms the Hessian-vector products of its backward walk, or
-# "autodiff" for plain reverse-mode differentiation through the loop (no walk).
+#: How :func:`adapt`'s derivative forms the Hessian-vector products of its backward walk, or
+#: "autodiff" for plain reverse-mode differentiation through the loop (no walk).
 HESSIAN_FORMS = ("jvp", "vjp", "autodiff")
-# meta_value_and_grad's methods as adapt's (hessian, first_order).
+#: meta_value_and_grad's methods as adapt's (hessian, first_order).
 METHOD_OPTIONS = {"exact": ("autodiff", False), "hvp_vjp": ("vjp", False), "hvp_jvp": ("jvp", False),
                   "first_order": ("jvp", True)}
 
@@ -811,7 +813,7 @@ class MetaGradient(NamedTuple):
     aux: Any  # loss_fn's aux at theta_K on outer_batch (has_aux=True), else None
 
 
-# What meta_value_and_grad can differentiate with respect to (its ``wrt``).
+#: What meta_value_and_grad can differentiate with respect to (its ``wrt``).
 WRT = ("params", "inner_lr", "inner_opt_state")
 
 

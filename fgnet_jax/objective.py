@@ -36,7 +36,9 @@ __all__ = [
     "combine_gradients",
 ]
 
+#: The target parameters' groups, :math:`\theta^t = [\theta_b, \theta_c^t]`.
 TARGET_KEYS = ("backbone", "target_head")
+#: The auxiliary parameters' groups, :math:`[\theta_b, \theta_c^s]`.
 AUXILIARY_KEYS = ("backbone", "auxiliary_head")
 
 PyTree = Any

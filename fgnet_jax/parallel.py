@@ -32,11 +32,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["PARALLELISM", "DataParallel", "check_parallelism"]
 
+#: The two ways :class:`DataParallel` runs a step (``shard_map`` is the default).
 PARALLELISM = ("shard_map", "pmap")
 PyTree = Any
 
 
 def check_parallelism(kind: str) -> str:
+    """Return ``kind`` if it is one of :data:`PARALLELISM`, else raise a one-line ValueError."""
     if kind not in PARALLELISM:
         raise ValueError(f"parallelism={kind!r}: choose one of {', '.join(PARALLELISM)} (shard_map is the default; "
                          "pmap is kept as an option)")

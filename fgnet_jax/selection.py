@@ -42,6 +42,8 @@ __all__ = [
     "selection_tag",
 ]
 
+#: How :func:`select_ids` keeps auxiliary samples: a fraction of them, the k best, or a score
+#: threshold.
 CRITERIA = ("ratio", "top_k", "threshold")
 
 

@@ -94,11 +94,14 @@ __all__ = [
 ]
 
 PyTree = Any
+#: The MetaFGNet model's parameter groups, each with its own learning rate.
 PARAM_GROUPS = ("backbone", "target_head", "auxiliary_head")
+#: Which passes of the meta step update the BatchNorm running statistics
+#: (``MetaStepConfig.batch_stats_from``; the module docstring says how).
 BATCH_STATS_SOURCES = ("auxiliary_then_target", "outer")
-# The inner update rule of the meta step, at rate eta: the paper's plain SGD, SGD with
-# momentum 0.9, or Adam (eps_root > 0: its square root then has a finite derivative where an
-# inner gradient entry is exactly zero, e.g. a bias before BatchNorm).
+#: The inner update rule of the meta step, at rate eta: the paper's plain SGD, SGD with
+#: momentum 0.9, or Adam (eps_root > 0: its square root then has a finite derivative where an
+#: inner gradient entry is exactly zero, e.g. a bias before BatchNorm).
 INNER_OPTIMIZERS = ("sgd", "momentum", "adam")
 
 

@@ -34,6 +34,13 @@ tests/test_architecture.py):
 ``synthetic``              the demo's generated datasets
 =========================  =====================================================================
 
+The names of the choices: ``TARGET_DATASETS`` and ``AUXILIARY_DATASETS`` (what
+:func:`load_target` and :func:`load_auxiliary` know), ``AUGMENTATIONS`` (the training streams'
+crops), ``ON_CORRUPT_POLICIES`` (``"error"`` or ``"skip"`` a bad image),
+``SOURCE_CHANGE_POLICIES`` (what to do with a prepared dataset whose files changed:
+``"error"``, ``"rebuild"`` or ``"ignore"``); ``IMAGENET_MEAN`` and ``IMAGENET_STD`` are the
+per-channel normalisation.
+
 Importing the package changes no process-wide setting. A program that may run on GPUs or TPUs
 calls :func:`hide_accelerators_from_tensorflow` once at start-up, before the first stream is
 built, so that TensorFlow (tf.data and tf.image, on the host) leaves them to JAX
