@@ -7,7 +7,7 @@
 #
 # On any other NVIDIA machine with network: `bash benchmarks/gpu_issue14.sh` (OUT=dir to keep
 # the outputs; CUDA=cuda12 for a CUDA 12 driver). Everything lands in $OUT: copy it to
-# benchmarks/results/gpu_issue14/ and put the numbers in benchmarks/NOTES.md and the README.
+# benchmarks/results/gpu_issue14/ and put the numbers in benchmarks/NOTES.md and docs/results.md.
 #   1. install: a clean venv from this checkout with the GPU extra (pip install -e '.[cuda13,test]');
 #      `python -m experiments.cub_200 --demo` must report a GPU in summary.json; the tests that
 #      run on a GPU (meta-gradients, models, mixed precision) must pass there.

@@ -1,11 +1,11 @@
-"""Wall time of the test suite, recorded for the README.
+"""Wall time of the test suite, recorded for docs/getting_started.md ("Run the tests").
 
     # run a tier and record it (from the repository root, in the venv the README's command made)
     python -m benchmarks.test_suite run --name full
     python -m benchmarks.test_suite run --name fast --marker "not slow"
     python -m benchmarks.test_suite run --name full_avx2 --xla_flags=--xla_cpu_max_isa=AVX2
     python -m benchmarks.test_suite run --name full_pmap --parallelism pmap
-    # the README's lines, regenerated from the committed results
+    # the lines of docs/getting_started.md, regenerated from the committed results
     python -m benchmarks.test_suite report
     # where the time goes: every test's durations in the log, summed per test file
     python -m benchmarks.test_suite run --name durations --all_durations

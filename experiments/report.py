@@ -84,7 +84,7 @@ def plot_curves(records: list[dict], path: str) -> None:
 
 
 def format_summary(summary: dict) -> str:
-    """The results table printed at the end of a run (the README's table format)."""
+    """The results table printed at the end of a run (docs/results.md's table format)."""
     lines = [
         f"MetaFGNet on {summary['dataset']} - {summary['model']} - method {summary['method']} - {summary['hardware']}",
         f"{'stage':<22}{'steps':>8}{'wall time':>12}{'best val top-1':>16}{'programs compiled':>19}",

@@ -17,8 +17,8 @@ def load_tables():
 def test_every_generated_region_matches_its_files(capsys):
     tables = load_tables()
     assert tables.main(["--check"]) == 0, capsys.readouterr().out
-    readme = (ROOT / "README.md").read_text()
-    assert {match["name"] for match in tables.REGION.finditer(readme)} >= {"demo_seeds", "demo_spread", "study"}
+    results = (ROOT / "docs" / "results.md").read_text()  # the results page: the demo's seeds, their spread, the study
+    assert {match["name"] for match in tables.REGION.finditer(results)} >= {"demo_seeds", "demo_spread", "study"}
 
 
 def test_a_number_that_disagrees_with_its_file_is_caught(tmp_path, monkeypatch):
@@ -32,7 +32,8 @@ def test_a_number_that_disagrees_with_its_file_is_caught(tmp_path, monkeypatch):
             run["test_accuracy"] += 0.01  # one run's result re-measured
         (runs / path.name).write_text(json.dumps(run))
     monkeypatch.setattr(tables, "DEMO_RUNS", runs)
-    text = (ROOT / "README.md").read_text()
-    regenerated, changed = tables.regenerate(text, ROOT / "README.md")
+    page = ROOT / "docs" / "results.md"
+    text = page.read_text()
+    regenerated, changed = tables.regenerate(text, page)
     assert set(changed) == {"demo_seeds", "demo_spread"} and regenerated != text
-    assert tables.regenerate(regenerated, ROOT / "README.md")[1] == []  # regenerating twice changes nothing more
+    assert tables.regenerate(regenerated, page)[1] == []  # regenerating twice changes nothing more

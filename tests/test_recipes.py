@@ -1,4 +1,4 @@
-"""The recipes (fgnet_jax/examples/recipes): each computes meta-gradients the way the README
+"""The recipes (fgnet_jax/examples/recipes): each computes meta-gradients the way docs/meta_gradient.md
 shows and must agree, in float64, with ``jax.grad`` through the inner steps written out in the
 recipe itself. The Equinox and Haiku recipes need the ``recipes`` extra (skipped without it).
 """

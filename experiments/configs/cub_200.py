@@ -1,7 +1,7 @@
 """MetaFGNet on CUB-200-2011 with the authors' settings, stage by stage (ResNet-34, 224 px).
 
 Run (after putting CUB_200_2011.tgz in ~/tensorflow_datasets/downloads/manual/ and converting
-torchvision's ImageNet ResNet-34, see README):
+torchvision's ImageNet ResNet-34, see docs/reproducing.md):
 
     python -m experiments.cub_200 --workdir runs/cub200 \
         --config experiments/configs/cub_200.py \
@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (memory flat in inner_steps, about one extra inner gradient per step).
     config.meta.remat = False
     # The authors' two optimiser updates per iteration (meta, then auxiliary gradient; weight
-    # decay and momentum act twice): off, one update of the combined gradient (README).
+    # decay and momentum act twice): off, one update of the combined gradient (docs/reproducing.md, "Differences from the authors' code").
     config.meta.two_updates = False
     # One target batch per inner step (inner_steps batches T_i^(k), then T_j, per iteration)
     # instead of the paper's one T_i for all inner steps: off.
