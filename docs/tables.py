@@ -85,7 +85,18 @@ def study_table() -> str:
             f"{len(study['runs'])} runs (`wall_seconds` in study.json).")
 
 
-GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table}
+MAML = ROOT / "fgnet_jax" / "examples" / "results" / "maml_sinusoid" / "results.json"
+
+
+def maml_table() -> str:
+    """The MAML sinusoid table and its settings, as the example writes them (results.md)."""
+    sys.path.insert(0, str(ROOT))
+    from fgnet_jax.examples.maml_sinusoid import markdown_table
+
+    return markdown_table(_load(MAML)).rstrip("\n")
+
+
+GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table, "maml": maml_table}
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 
 
