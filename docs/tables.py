@@ -96,7 +96,39 @@ def maml_table() -> str:
     return markdown_table(_load(MAML)).rstrip("\n")
 
 
-GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table, "maml": maml_table}
+MIXED_PRECISION = {  # row label -> results file of python -m benchmarks.mixed_precision
+    "random initialisation, Gaussian images": ROOT / "benchmarks" / "results" / "cpu_mixed_precision_random_r10_32.json",
+    "trained (the float32 demo's stage 2, seed 0), its images":
+        ROOT / "benchmarks" / "results" / "cpu_mixed_precision_trained_demo.json",
+}
+
+
+def _or_dash(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def mixed_precision_table() -> str:
+    """How far each method's bfloat16 meta-gradient is from float32's, per parameter set."""
+    lines = ["| parameters | method | bf16 vs f32: relative error | cosine | bf16 second-order term: relative error "
+             "| f32 vs f64: relative error |", "|---|---|---|---|---|---|"]
+    for label, path in MIXED_PRECISION.items():
+        results = _load(path)
+        for row in results["rows"]:
+            lines.append(f"| {label} | `{row['method']}` | {row['bfloat16_vs_float32_relative_error']:.3f} | "
+                         f"{row['bfloat16_vs_float32_cosine']:.4f} | "
+                         f"{_or_dash(row.get('bfloat16_second_order_term_relative_error'), '.3f')} | "
+                         f"{row['float32_vs_float64_relative_error']:.1e} |")
+    first = _load(next(iter(MIXED_PRECISION.values())))
+    argv = first["argv"]
+    lines.append("")
+    lines.append(f"(`{first['device']}`, JAX {first['jax']}, ResNet-{argv['depth']}, {argv['image_size']} px, "
+                 f"batch {argv['batch']}; files: " + ", ".join(f"`{p.relative_to(ROOT)}`" for p in MIXED_PRECISION.values())
+                 + ")")
+    return "\n".join(lines)
+
+
+GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table, "maml": maml_table,
+              "mixed_precision": mixed_precision_table}
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 
 
