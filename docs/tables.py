@@ -127,8 +127,51 @@ def mixed_precision_table() -> str:
     return "\n".join(lines)
 
 
+RESULTS = ROOT / "benchmarks" / "results"
+# (row label, meta-gradient file, full-step file, unit): python -m benchmarks.meta_step runs.
+META_COST = [
+    ("H200, ResNet-34, 224 px", RESULTS / "h200_r34_meta_224px_b32.json", RESULTS / "h200_r34_step_224px_b32.json",
+     "ms"),
+    ("2-core CPU, ResNet-18, 96 px", RESULTS / "cpu_r18_96px_b32_eigen.json", RESULTS / "cpu_r18_96px_b32_eigen.json",
+     "s"),
+]
+
+
+def _time(seconds: float, unit: str) -> str:
+    return f"{1e3 * seconds:.1f} ms" if unit == "ms" else f"{seconds:.2f} s"
+
+
+def _jax_row(rows: list[dict], scope: str, method: str, remat: bool) -> dict | None:
+    return next((r for r in rows if r.get("scope") == scope and r["method"] == method and r["remat"] == remat), None)
+
+
+def meta_cost_table() -> str:
+    """Time (and XLA's memory estimate) of each method against first-order, from one run each."""
+    lines = ["| float32, batch 32 per T_i / T_j / S | first-order | exact, `hvp_jvp` (default) | exact, `exact` "
+             "| PyTorch eager, authors' exact |", "|---|---|---|---|---|"]
+    for label, meta_file, step_file, unit in META_COST:
+        meta, step = _load(meta_file), _load(step_file)
+        first, jvp, exact = (_jax_row(meta, "meta", m, False) for m in ("first_order", "hvp_jvp", "exact"))
+        torch = next((r for r in meta if r.get("framework") == "torch" and r["method"] == "exact"), None)
+        torch_cell = "" if torch is None else (f"{_time(torch['seconds'], unit)} "
+                                               f"(JAX {jvp['seconds'] / torch['seconds']:.2f}x)")
+        lines.append(f"| meta-gradient, {label} | {_time(first['seconds'], unit)} | {_time(jvp['seconds'], unit)} "
+                     f"({jvp['time_vs_first_order']:.2f}x) | {_time(exact['seconds'], unit)} "
+                     f"({exact['time_vs_first_order']:.2f}x) | {torch_cell} |")
+        for remat, name in ((False, f"full step, {label}"), (True, "same, remat on")):
+            first, jvp = _jax_row(step, "step", "first_order", remat), _jax_row(step, "step", "hvp_jvp", remat)
+            if first is None or jvp is None or (remat and unit == "s"):
+                continue
+            lines.append(f"| {name} | {_time(first['seconds'], unit)} | {_time(jvp['seconds'], unit)} "
+                         f"({jvp['time_vs_first_order']:.2f}x), memory {jvp['memory_vs_first_order']:.2f}x | | |")
+    lines.append("")
+    lines.append("(Ratios against first-order without remat, from the same run; files: "
+                 + ", ".join(sorted({f"`{f.relative_to(ROOT)}`" for _, m, st, _ in META_COST for f in (m, st)})) + ")")
+    return "\n".join(lines)
+
+
 GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table, "maml": maml_table,
-              "mixed_precision": mixed_precision_table}
+              "mixed_precision": mixed_precision_table, "meta_cost": meta_cost_table}
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 
 
