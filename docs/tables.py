@@ -26,7 +26,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STUDY = ROOT / "experiments" / "results" / "study_demo"
 DEMO_RUNS = STUDY / "runs" / "exact_selection"  # the demo pipeline's own config, one file per seed
-REGION = re.compile(r"(<!-- generated: (?P<name>[a-z_]+) \(python docs/tables\.py\) -->\n)(?P<body>.*?)"
+REGION = re.compile(r"(<!-- generated: (?P<name>[a-z0-9_]+) \(python docs/tables\.py\) -->\n)(?P<body>.*?)"
                     r"(<!-- end generated: (?P=name) -->)", re.S)
 
 
@@ -170,8 +170,26 @@ def meta_cost_table() -> str:
     return "\n".join(lines)
 
 
+BFLOAT16_DEMO = ROOT / "experiments" / "results" / "mixed_precision_demo"
+
+
+def bfloat16_demo() -> str:
+    """The demo trained in bfloat16 against float32 (same seed): accuracies and selection."""
+    runs = {dtype: _load(BFLOAT16_DEMO / f"{dtype}_seed0.json") for dtype in ("bfloat16", "float32")}
+
+    def kept(run: dict) -> str:
+        groups = run["selected_by_group"]
+        return f"{groups['related']['kept']} related and {groups['unrelated']['kept']} unrelated"
+
+    bf16, f32 = runs["bfloat16"], runs["float32"]
+    return (f"test top-1 {_percent(bf16['test_accuracy'])} in bfloat16 against {_percent(f32['test_accuracy'])} in "
+            f"float32 (validation {_percent(bf16['val_accuracy'])} against {_percent(f32['val_accuracy'])}); "
+            f"kept {kept(bf16)} auxiliary images in bfloat16, {kept(f32)} in float32 ({f32['hardware']}, "
+            f"`{f32['parallelism']}` step; `experiments/results/mixed_precision_demo/`).")
+
+
 GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table, "maml": maml_table,
-              "mixed_precision": mixed_precision_table, "meta_cost": meta_cost_table}
+              "mixed_precision": mixed_precision_table, "meta_cost": meta_cost_table, "bfloat16_demo": bfloat16_demo}
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
 
 
@@ -188,7 +206,13 @@ def regenerate(text: str, path: pathlib.Path) -> tuple[str, list[str]]:
             changed.append(name)
         return match.group(1) + body + match.group(4)
 
-    return REGION.sub(replace, text), changed
+    new = REGION.sub(replace, text)
+    markers = text.count("<!-- generated: ")
+    if markers != len(REGION.findall(text)):  # a marker this script would silently pass over
+        raise ValueError(f"{path}: {markers} '<!-- generated:' markers but {len(REGION.findall(text))} complete "
+                         "regions (each needs '<!-- generated: NAME (python docs/tables.py) -->' and "
+                         "'<!-- end generated: NAME -->')")
+    return new, changed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,3 +37,12 @@ def test_a_number_that_disagrees_with_its_file_is_caught(tmp_path, monkeypatch):
     regenerated, changed = tables.regenerate(text, page)
     assert set(changed) == {"demo_seeds", "demo_spread"} and regenerated != text
     assert tables.regenerate(regenerated, page)[1] == []  # regenerating twice changes nothing more
+
+
+def test_an_incomplete_or_misspelt_marker_is_an_error_not_skipped():
+    import pytest
+
+    tables = load_tables()
+    broken = "<!-- generated: demo_seeds (python docs/tables.py) -->\nold table\n"  # no end marker
+    with pytest.raises(ValueError, match="1 '<!-- generated:' markers but 0 complete regions"):
+        tables.regenerate(broken, ROOT / "page.md")
