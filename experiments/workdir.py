@@ -182,7 +182,8 @@ _STORAGE_ERRORS = {
 def storage_error_message(error: BaseException, workdir: str) -> str | None:
     """One line for an error whose cause (anywhere in its chain) is the disk: full, over quota,
     read-only or not permitted; None for any other error."""
-    for current in _chain(error):
+    chain = _chain(error)
+    for current in chain:
         if isinstance(current, OSError) and current.errno in _STORAGE_ERRORS:
             where = current.filename or workdir
             # A raiser's own detail (fgnet_jax.checkpoint: how much a save needs, how much is free).
@@ -190,7 +191,7 @@ def storage_error_message(error: BaseException, workdir: str) -> str | None:
             cause = _STORAGE_ERRORS[current.errno] + (f" ({detail})" if detail else "")
             return f"cannot write {where}: {cause}; {_storage_fix(current.errno)}"
     # Some libraries (Orbax's writers) re-raise the disk's error as text only.
-    if any("No space left on device" in str(e) or "[Errno 28]" in str(e) for e in _chain(error)):
+    if any("No space left on device" in str(e) or "[Errno 28]" in str(e) for e in chain):
         return f"cannot write in {workdir}: no space left on the device; {_storage_fix(errno.ENOSPC)}"
     return None
 
