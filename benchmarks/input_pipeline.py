@@ -9,16 +9,22 @@ builder) and an image-folder auxiliary set, then times, after a warm-up:
 * the eval stream (resize + centre crop) over the auxiliary folder (as in sample scoring).
 
 Run:  python -m benchmarks.input_pipeline                    (224 px, batch 32, 16 timed steps)
-      python -m benchmarks.input_pipeline --image_size 96 --threads 2
+      python -m benchmarks.input_pipeline --image_size 224 96 --rounds 3 \
+          --json benchmarks/results/cpu_input_pipeline.json   (the published table)
 
-Prints a markdown table. Numbers depend on the CPU count: tf.data decodes in parallel on all
-cores unless --threads limits it.
+Prints a markdown table (the median over rounds; each round times every stream once, sizes
+interleaved, so a change in the machine's load shows as spread, not as a bias between columns)
+and writes every round's rate with ``--json``. Numbers depend on the CPU count: tf.data decodes
+in parallel on all cores unless --threads limits it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +43,7 @@ def _time(stream, steps: int, warmup: int, images_per_step: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--image_size", type=int, default=224, help="crop size")
+    parser.add_argument("--image_size", type=int, nargs="+", default=[224], help="crop size(s)")
     parser.add_argument("--per_device_batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=16, help="timed steps per stream")
     parser.add_argument("--warmup", type=int, default=2)
@@ -46,6 +52,8 @@ def main() -> None:
     parser.add_argument("--images_per_class", type=int, default=48)
     parser.add_argument("--threads", type=int, default=0, help="tf.data thread pool size (0: all cores)")
     parser.add_argument("--workdir", default=None, help="where to write the data (default: a temp dir)")
+    parser.add_argument("--rounds", type=int, default=1, help="times every stream is timed (per size)")
+    parser.add_argument("--json", default=None, help="write every round's rates and the setup to this file")
     args = parser.parse_args()
 
     import tensorflow_datasets as tfds
@@ -64,29 +72,45 @@ def main() -> None:
     prepare_s = time.perf_counter() - start
     mean_kb = sum(f.stat().st_size for f in (workdir / "aux").rglob("*.jpg")) / len(auxiliary) / 1024
 
-    common = dict(per_device_batch=args.per_device_batch, image_size=args.image_size, local_devices=1,
-                  process_index=0, process_count=1, threads=args.threads or None)
     batch = args.per_device_batch
-    rows = [
-        ("meta-train step (T_i + T_j + S)",
-         _time(data.meta_train_stream(target.train, auxiliary, seed=0, **common), args.steps, args.warmup, 3 * batch)),
-        ("supervised, TFDS ArrayRecord source",
-         _time(data.supervised_stream(target.train, seed=0, **common), args.steps, args.warmup, batch)),
-        ("supervised, image-folder source",
-         _time(data.supervised_stream(auxiliary, seed=0, **common), args.steps, args.warmup, batch)),
-    ]
+    names = ["meta-train step (T_i + T_j + S)", "supervised, TFDS ArrayRecord source",
+             "supervised, image-folder source", "eval (resize + centre crop)"]
+    rates = {size: {name: [] for name in names} for size in args.image_size}
     eval_batches = len(auxiliary) // batch  # full batches only
     eval_warmup = min(args.warmup, eval_batches - 1)
     eval_steps = max(min(args.steps, eval_batches - eval_warmup), 1)
-    rows.append(("eval (resize + centre crop)",
-                 _time(data.eval_stream(auxiliary, **common), eval_steps, eval_warmup, batch)))
+    for round_index in range(args.rounds):
+        for size in args.image_size:
+            common = dict(per_device_batch=batch, image_size=size, local_devices=1,
+                          process_index=0, process_count=1, threads=args.threads or None)
+            timed = [
+                _time(data.meta_train_stream(target.train, auxiliary, seed=round_index, **common),
+                      args.steps, args.warmup, 3 * batch),
+                _time(data.supervised_stream(target.train, seed=round_index, **common), args.steps, args.warmup, batch),
+                _time(data.supervised_stream(auxiliary, seed=round_index, **common), args.steps, args.warmup, batch),
+                _time(data.eval_stream(auxiliary, **common), eval_steps, eval_warmup, batch),
+            ]
+            for name, rate in zip(names, timed):
+                rates[size][name].append(rate)
+            print(f"round {round_index + 1}/{args.rounds}, {size} px: " + ", ".join(f"{rate:.0f}" for rate in timed),
+                  flush=True)
 
-    print(f"\nimage size {args.image_size}, batch {batch}, synthetic photos ~{args.photo_size}x"
-          f"{int(args.photo_size * 1.2)} px JPEG (mean {mean_kb:.0f} KiB), {os.cpu_count()} CPU(s), "
-          f"threads {args.threads or 'all'}; data written and prepared in {prepare_s:.1f} s ({workdir})\n")
-    print("| stream | images/s |\n|---|---|")
-    for name, rate in rows:
-        print(f"| {name} | {rate:.0f} |")
+    setup = (f"batch {batch}, synthetic photos ~{args.photo_size}x{int(args.photo_size * 1.2)} px JPEG "
+             f"(mean {mean_kb:.0f} KiB), {os.cpu_count()} CPU(s), threads {args.threads or 'all'}")
+    print(f"\n{setup}; data written and prepared in {prepare_s:.1f} s ({workdir}); median of {args.rounds} round(s)\n")
+    print("| stream | " + " | ".join(f"images/s at {size} px" for size in args.image_size) + " |")
+    print("|---|" + "---|" * len(args.image_size))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{statistics.median(rates[size][name]):.0f}" for size in args.image_size) + " |")
+    if args.json:
+        from benchmarks.test_suite import cpu_model
+
+        record = {"date": datetime.date.today().isoformat(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
+                  "threads": args.threads or "all", "batch": batch, "photo_size": args.photo_size,
+                  "mean_jpeg_kib": mean_kb, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+                  "load_average_after": os.getloadavg(),
+                  "images_per_second": {str(size): rates[size] for size in args.image_size}}
+        Path(args.json).write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ A page marks each generated region::
     ...
     <!-- end generated: NAME -->
 
-``python docs/tables.py`` rewrites every region of README.md and docs/*.md from its files;
+A number inside a sentence is an inline value, on one line::
+
+    ... took <!-- value: NAME -->3 min 32 s<!-- end value --> on ...
+
+``python docs/tables.py`` rewrites every region and value of README.md and docs/*.md from its files;
 ``python docs/tables.py --check`` changes nothing and exits 1 naming each region that differs
 from what its files give (tests/test_published_tables.py runs the check). A number typed by
 hand inside a region does not survive the next regeneration, and one that disagrees with its
@@ -26,6 +30,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STUDY = ROOT / "experiments" / "results" / "study_demo"
 DEMO_RUNS = STUDY / "runs" / "exact_selection"  # the demo pipeline's own config, one file per seed
+VALUE = re.compile(r"<!-- value: (?P<name>[a-z0-9_]+) -->(?P<body>[^<\n]*)<!-- end value -->")
 REGION = re.compile(r"(<!-- generated: (?P<name>[a-z0-9_]+) \(python docs/tables\.py\) -->\n)(?P<body>.*?)"
                     r"(<!-- end generated: (?P=name) -->)", re.S)
 
@@ -188,16 +193,418 @@ def bfloat16_demo() -> str:
             f"`{f32['parallelism']}` step; `experiments/results/mixed_precision_demo/`).")
 
 
+TEST_SUITE = RESULTS / "cpu_test_suite.json"
+# The records the docs publish as the suite's current time (python -m benchmarks.test_suite run --name NAME).
+TEST_SUITE_CURRENT = ("full_xeon_f", "fast_xeon_c")
+
+
+def test_suite_table() -> str:
+    """The latest full-suite and fast-tier runs: time, tests, CPU, date, command."""
+    records = _load(TEST_SUITE)
+    lines = ["| tier | wall time | tests | CPU-seconds | machine | date, jax | command |", "|---|---:|---|---:|---|---|---|"]
+    for name in TEST_SUITE_CURRENT:
+        record = records[name]
+        minutes, seconds = divmod(round(record["seconds"]), 60)
+        counts = ", ".join(f"{n} {kind}" for kind, n in record["counts"].items())
+        lines.append(f"| {'full' if name.startswith('full') else 'fast'} (`{name}`) | {minutes} min {seconds:02d} s | "
+                     f"{counts} | {record['cpu_seconds']} | {record['cores']}-core {record['cpu']} | "
+                     f"{record['date']}, {record['jax']} | `{record['command']}` |")
+    lines.append("")
+    lines.extend(f"- `{name}`: {records[name]['note']}" for name in TEST_SUITE_CURRENT if records[name].get("note"))
+    lines.append(f"\n(`{TEST_SUITE.relative_to(ROOT)}`)")
+    return "\n".join(lines)
+
+
+# --- Inline values: one number (or a few) inside a sentence, each from one results file. ---
+
+NOTEBOOK = ROOT / "notebooks" / "exact_vs_first_order.ipynb"
+NOTEBOOK_ARMS = {name: RESULTS / f"cpu_notebook_arms_{name}_xeon.json" for name in ("before_shared_step", "shared_step")}
+NOTEBOOK_ARM_NAMES = {"target only": "target-only", "joint": "joint training", "first-order, eta 0.1": "first-order",
+                      "exact, eta 0.1": "exact"}
+H200_FINAL = RESULTS / "h200_r34_224px_b32_final.json"
+INPUT_PIPELINE = RESULTS / "cpu_input_pipeline.json"
+DEMO_TIME = RESULTS / "cpu_demo_time.json"
+PLATFORM_LOOP = RESULTS / "cpu_platform_loop.json"
+ADAPT_COST = RESULTS / "cpu_adapt_cost_r10_32px_b8.json"
+EIGEN_VS_YNNPACK = RESULTS / "cpu_r18_96px_b32_ynnpack_vs_eigen.log"
+
+
+def _notebook_output(marker: str) -> str:
+    """The text output of the notebook's committed cell whose output contains ``marker``."""
+    for cell in _load(NOTEBOOK)["cells"]:
+        for output in cell.get("outputs", []):
+            text = "".join(output.get("text", output.get("data", {}).get("text/plain", [])))
+            if marker in text:
+                return text
+    raise ValueError(f"{NOTEBOOK}: no committed output contains {marker!r} (rerun the notebook, or update docs/tables.py)")
+
+
+def notebook_exact_forms_agree() -> str:
+    """The largest relative difference of the exact forms from ``exact`` in float64 (notebook)."""
+    text = _notebook_output("||method - exact||")
+    values = [float(v) for line in text.splitlines() if line.startswith(("hvp_vjp", "hvp_jvp"))
+              for v in line.split()[1:]]
+    return f"{max(values):.1e}"
+
+
+def notebook_digits_means() -> str:
+    """The digits study's test accuracy per arm, from the notebook's committed outputs."""
+    text = _notebook_output("arms x")
+    means = {}
+    for line in text.splitlines():
+        for arm, label in NOTEBOOK_ARM_NAMES.items():
+            if line.startswith(arm + " "):
+                means[label] = line[len(arm):].split()[0]
+    return ", ".join(f"{label} {means[label]}%" for label in NOTEBOOK_ARM_NAMES.values())
+
+
+def _arm_means(path: pathlib.Path) -> list[str]:
+    accuracy = _load(path)["accuracy"]
+    return [f"{100 * statistics.mean(accuracy[arm]):.1f}" for arm in NOTEBOOK_ARM_NAMES]
+
+
+def notebook_digits_rerun() -> str:
+    """The same four means from this project's rerun (benchmarks/notebook_arms.py, before the change)."""
+    return ", ".join(_arm_means(NOTEBOOK_ARMS["before_shared_step"])[:-1]) + " and " + \
+        _arm_means(NOTEBOOK_ARMS["before_shared_step"])[-1] + " %"
+
+
+def notebook_digits_shared_step_change() -> str:
+    """What making eta and lambda arguments of one compiled step did to the trained arms' seeds."""
+    old, new = (_load(NOTEBOOK_ARMS[name])["accuracy"] for name in ("before_shared_step", "shared_step"))
+    trained = [arm for arm in old if arm != "target only"]
+    moved = [sum(a != b for a, b in zip(old[arm], new[arm])) for arm in trained]
+    largest = max(abs(a - b) for arm in trained for a, b in zip(old[arm], new[arm]))
+    mean_shift = max(abs(statistics.mean(old[arm]) - statistics.mean(new[arm])) for arm in trained)
+    seeds = len(old[trained[0]])
+    return (f"moved {min(moved)}-{max(moved)} of the {seeds} seeds of each trained arm by up to "
+            f"{100 * largest:.2f} points and the means by at most {100 * mean_shift:.2f} points")
+
+
+def _final(scope: str, method: str) -> dict:
+    return next(r for r in _load(H200_FINAL) if r["scope"] == scope and r["method"] == method and not r["remat"])
+
+
+def h200_final_step() -> str:
+    """The later H200 run (reduce_window max-pool): full step and meta-gradient, ms and ratio."""
+    parts = []
+    for scope, what in (("step", "for the full step"), ("meta", "for the meta-gradient")):
+        first, jvp = _final(scope, "first_order"), _final(scope, "hvp_jvp")
+        parts.append(f"{1e3 * first['seconds']:.1f} / {1e3 * jvp['seconds']:.1f} ms "
+                     f"({jvp['seconds'] / first['seconds']:.2f}x) {what}")
+    return "first-order / `hvp_jvp` " + ", ".join(parts)
+
+
+def _pipeline_rates(size: str) -> dict[str, list[float]]:
+    return _load(INPUT_PIPELINE)["images_per_second"][size]
+
+
+def input_pipeline_table() -> str:
+    """Images/s per stream and crop size: the median over the rounds, and their range."""
+    record = _load(INPUT_PIPELINE)
+    sizes = list(record["images_per_second"])
+    lines = ["| stream | " + " | ".join(f"images/s at {size} px (range)" for size in sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]
+    for stream in record["images_per_second"][sizes[0]]:
+        cells = []
+        for size in sizes:
+            rates = record["images_per_second"][size][stream]
+            cells.append(f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})")
+        lines.append(f"| {stream} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"(median of {record['rounds']} rounds of {record['steps']} timed steps after {record['warmup']} "
+                 f"warm-up steps, batch {record['batch']}, synthetic photos ~{record['photo_size']} px high, JPEG mean "
+                 f"{record['mean_jpeg_kib']:.0f} KiB; {record['cpu_count']}-core {record['cpu']}, tf.data threads "
+                 f"{record['threads']}, {record['date']}; `{INPUT_PIPELINE.relative_to(ROOT)}`)")
+    return "\n".join(lines)
+
+
+def input_pipeline_summary() -> str:
+    """One sentence: the meta-training step's and the supervised streams' rates per size."""
+    record = _load(INPUT_PIPELINE)
+    parts = []
+    for size, streams in record["images_per_second"].items():
+        meta = statistics.median(streams["meta-train step (T_i + T_j + S)"])
+        others = [statistics.median(rates) for stream, rates in streams.items() if stream.startswith("supervised")]
+        parts.append(f"about {meta:.0f} images/s for a meta-training step (T_i + T_j + S) and "
+                     f"{min(others):.0f}-{max(others):.0f} images/s for supervised streams at {size} px")
+    return "; ".join(parts) + f" ({record['cpu_count']}-core {record['cpu']}, {record['date']})"
+
+
+def input_pipeline_authors_step() -> str:
+    """Seconds of input work for one meta-step with the authors' batches (3 x 256 images)."""
+    rate = statistics.median(_pipeline_rates("224")["meta-train step (T_i + T_j + S)"])
+    return f"about {3 * 256 / rate:.1f} s"
+
+
+def _demo_time(run: str) -> dict:
+    return _load(DEMO_TIME)[run]
+
+
+def _minutes(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes} min {seconds:02d} s"
+
+
+def demo_first_run() -> str:
+    """The demo from an empty compilation cache: time, programs compiled, accuracy."""
+    record = _load(DEMO_TIME)
+    first = record["first_run"]
+    return (f"{_minutes(first['wall_seconds'])} ({record['cpu_count']}-core {record['cpu']}, {record['date']}, "
+            f"load average {first['load_average_before'][0]:.1f} at the start; {first['compilations']['compiled']} "
+            f"programs compiled; test top-1 {_percent(first['test_accuracy'])}, seed 0)")
+
+
+def demo_rerun() -> str:
+    """The demo again in a new workdir with the cache the first run filled."""
+    rerun = _demo_time("rerun")
+    return (f"{_minutes(rerun['wall_seconds'])}, {rerun['compilations']['compiled']} programs compiled and "
+            f"{rerun['compilations']['cache_hits']} loaded")
+
+
+def demo_workdir_size() -> str:
+    """A finished demo workdir's size on disk."""
+    return f"{_demo_time('first_run')['workdir_mib']:.0f} MiB"
+
+
+def _seed_groups() -> list[dict]:
+    return [run["selected_by_group"] for _, run in _demo_runs()]
+
+
+def demo_selection_kept() -> str:
+    """The kept fraction of each auxiliary group, if the same in every seed, else its range."""
+    groups = _seed_groups()
+    parts = []
+    for name in ("related", "unrelated"):
+        kept = {g[name]["kept"] / g[name]["total"] for g in groups}
+        span = f"{100 * min(kept):.0f}%" if len(kept) == 1 else f"{100 * min(kept):.0f}-{100 * max(kept):.0f}%"
+        parts.append(f"{span} of the {name}")
+    counts = {f"{g['related']['kept']} / {g['unrelated']['kept']} of {g['related']['total']} each" for g in groups}
+    return f"it kept {' and '.join(parts)} images " + (
+        f"in every seed ({counts.pop()})" if len(counts) == 1 else f"(per seed: {'; '.join(sorted(counts))})")
+
+
+def demo_val_mean() -> str:
+    """The demo seeds' mean validation top-1, for the results tables."""
+    return f"{_percent(statistics.mean(run['val_accuracy'] for _, run in _demo_runs()))}, mean of {len(_demo_runs())} seeds"
+
+
+def demo_test_mean() -> str:
+    """The demo seeds' test top-1 mean +- standard deviation, for the results tables."""
+    mean, std = _mean_std([run["test_accuracy"] for _, run in _demo_runs()])
+    return f"{100 * mean:.1f} +- {100 * std:.1f}% over {len(_demo_runs())} seeds"
+
+
+def _study() -> dict:
+    return _load(STUDY / "study.json")
+
+
+def _study_mean(variant: str, key: str = "test_top1") -> float:
+    return _study()["variants"][variant][key]["mean"]
+
+
+def _difference(name: str) -> str:
+    comparison = _study()["comparisons"][name]
+    return (f"{100 * comparison['mean']:+.1f} points, 95% CI [{100 * comparison['low']:+.1f}, "
+            f"{100 * comparison['high']:+.1f}]")
+
+
+def study_range() -> str:
+    means = [variant["test_top1"]["mean"] for variant in _study()["variants"].values()]
+    return f"{100 * min(means):.1f}-{100 * max(means):.1f}%"
+
+
+def study_spreads() -> str:
+    stds = [variant["test_top1"]["std"] for variant in _study()["variants"].values()]
+    return f"{100 * min(stds):.0f}-{100 * max(stds):.0f} points"
+
+
+def study_exact_vs_first_order() -> str:
+    return f"exact - first-order = {_difference('exact - first_order')}"
+
+
+def study_selection_gain() -> str:
+    return _difference("exact_selection - exact")
+
+
+def study_cost() -> str:
+    """The exact meta-gradient's cost per study run against first-order's (whole runs)."""
+    variants = _study()["variants"]
+    exact, first = (variants[name] for name in ("exact", "first_order"))
+    return (f"{exact['wall_seconds']['mean'] / first['wall_seconds']['mean']:.2f}x first-order's time per run "
+            f"here ({exact['wall_seconds']['mean']:.0f} vs {first['wall_seconds']['mean']:.0f} s, stage 1 and "
+            f"fine-tuning included; {exact['steps_per_second']['mean']:.2f} vs "
+            f"{first['steps_per_second']['mean']:.2f} steps/s)")
+
+
+def _mixed(label_index: int) -> dict:
+    rows = _load(list(MIXED_PRECISION.values())[label_index])["rows"]
+    return next(row for row in rows if row["method"] == "hvp_jvp")
+
+
+def mixed_precision_random() -> str:
+    row = _mixed(0)
+    return (f"{100 * row['bfloat16_vs_float32_relative_error']:.0f}% relative error, "
+            f"cosine {row['bfloat16_vs_float32_cosine']:.2f}")
+
+
+def mixed_precision_trained() -> str:
+    row = _mixed(1)
+    return (f"{100 * row['bfloat16_vs_float32_relative_error']:.1f}%, cosine {row['bfloat16_vs_float32_cosine']:.4f}; "
+            f"the second-order term eta H G to {100 * row['bfloat16_second_order_term_relative_error']:.0f}%")
+
+
+def _meta_seconds(path: pathlib.Path, method: str) -> float:
+    return _jax_row(_load(path), "meta", method, False)["seconds"]
+
+
+def autodiff_vs_jvp() -> str:
+    """``hessian="autodiff"`` (method ``exact``) against ``"jvp"`` (``hvp_jvp``), CPU and H200."""
+    cpu, h200 = RESULTS / "cpu_r18_96px_b32_eigen.json", RESULTS / "h200_r34_meta_224px_b32.json"
+    ratio = {name: _meta_seconds(path, "exact") / _meta_seconds(path, "hvp_jvp") for name, path in
+             (("cpu", cpu), ("h200", h200))}
+    return f"{ratio['cpu']:.1f}x `\"jvp\"` on the CPU, {ratio['h200']:.2f}x on the H200"
+
+
+def learned_rate_cost() -> str:
+    ratio = _load(ADAPT_COST)["results"]["meta_value_and_grad, rate too"]["ratio_to_before"]
+    return f"{ratio:.3f}x"
+
+
+def rolled_loop_slowdown() -> str:
+    """How much slower the rolled inner loop ran than the unrolled one on this CPU, per model."""
+    medians = _load(PLATFORM_LOOP)["medians"]
+
+    def ratios(model: str) -> list[float]:
+        time = {(r["method"], r["unroll"]): r["time_ms"] for r in medians if r["model"] == model}
+        return [time[(method, "rolled")] / time[(method, "unrolled")] for method in ("hvp_jvp", "exact")]
+
+    small, resnet = ratios("cnn"), ratios("resnet")
+    jvp = {(r["model"], r["unroll"]): r["time_ms"] for r in medians if r["method"] == "hvp_jvp"}
+    return (f"{min(small):.0f}-{max(small):.0f}x slower for a small CNN's two-step meta-gradient "
+            f"({jvp[('cnn', 'unrolled')] / 1e3:.2f} s unrolled, {jvp[('cnn', 'rolled')] / 1e3:.1f} s rolled, "
+            f"`hvp_jvp`) and {min(resnet):.1f}-{max(resnet):.1f}x for a ResNet-10")
+
+
+def eigen_vs_ynnpack() -> str:
+    """XLA's Eigen convolutions against jaxlib's default YNNPACK, run back to back (one log)."""
+    times: dict[str, dict[str, float]] = {}
+    kernels = None
+    for line in EIGEN_VS_YNNPACK.read_text().splitlines():
+        if line.startswith("backend "):
+            kernels = "eigen" if "individual_convolution" in line else "ynnpack"
+        elif line.startswith("meta "):
+            method, milliseconds = re.search(r"remat=\S+ (\S+) +([0-9.]+) ms", line).groups()
+            times.setdefault(kernels, {})[method] = float(milliseconds)
+    saved = [1 - times["eigen"][method] / times["ynnpack"][method] for method in times["ynnpack"]]
+    return (f"{100 * min(saved):.0f}-{100 * max(saved):.0f} % less time per meta-gradient here "
+            f"(`{EIGEN_VS_YNNPACK.relative_to(ROOT)}`)")
+
+
+VALUES = {name: function for name, function in globals().items() if callable(function) and name in {
+    "notebook_exact_forms_agree", "notebook_digits_means", "notebook_digits_rerun",
+    "notebook_digits_shared_step_change", "h200_final_step", "input_pipeline_summary", "input_pipeline_authors_step",
+    "demo_first_run", "demo_rerun", "demo_workdir_size", "demo_selection_kept", "demo_val_mean", "demo_test_mean", "study_range",
+    "study_spreads", "study_exact_vs_first_order", "study_selection_gain", "study_cost", "mixed_precision_random",
+    "mixed_precision_trained", "autodiff_vs_jvp", "learned_rate_cost", "rolled_loop_slowdown", "eigen_vs_ynnpack"}}
+
+
+# --- Typed numbers: what a page may still type by hand, and why. ---
+
+# A number followed by a unit of measure (%, x, s, ms, min, MB/MiB/GB, images/s, points, steps/s)
+# in a page's prose, outside code, generated regions and inline values.
+TYPED_NUMBER = re.compile(r"(?<![\w.])[-+]?\d[\d,]*(?:\.\d+)?(?:e-?\d+)?\s?"
+                          r"(?:%|x\b|ms\b|s\b|min\b|MB\b|MiB\b|GB\b|GiB\b|images/s|points\b|steps/s)")
+# page -> {typed text: why it is not generated}. Anything else a page types fails the test.
+TYPED_ALLOWED = {
+    "README.md": {"80%": "a setting: the fraction of auxiliary images selection keeps",
+                  "87.6%": "the paper's CUB-200-2011 result, not reproduced here"},
+    "docs/results.md": {"80%": "a setting: the fraction selection keeps",
+                        "87.6%": "the paper's CUB-200-2011 result, not reproduced here",
+                        "20%": "a setting: the demo's validation hold-out", "15 s": "a setting: the progress interval",
+                        "95%": "the confidence level of the study's intervals",
+                        "0.33 points": "arithmetic: one test image of 300",
+                        "1.6x": "a target of issue 14 (bfloat16 exact against float32 exact), not a measurement",
+                        "1.67x": "the FLOP-count ratio of the exact full step to first-order (derived in "
+                                 "benchmarks/NOTES.md), a count, not a measurement",
+                        "5 %": "a target of issue 14 (the experiment's step against the bare step)"},
+    "docs/reproducing.md": {"80%": "a setting: the fraction selection keeps",
+                            "10%": "a setting: the validation hold-out"},
+    "docs/data.md": {"1.1 GB": "the size of the official CUB-200-2011 archive", "150 GB": "what preparing ImageNet "
+                     "writes, from TFDS's documentation", "3 x": "a setting: the authors' three batches of 256"},
+    "docs/getting_started.md": {"15 s": "a setting: the progress interval"},
+    "docs/meta_gradient.md": {"1.5x": "a test's threshold (tests/test_adapt.py), not a measurement"},
+    "docs/multihost.md": {"100 s": "a setting: the collective timeout"},
+}
+
+
+def _prose(text: str) -> str:
+    """``text`` without fenced code, inline code, generated regions and inline values."""
+    text = REGION.sub("", text)
+    text = VALUE.sub("", text)
+    text = re.sub(r"^(```|~~~).*?^\1", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def typed_numbers(path: pathlib.Path) -> list[str]:
+    """Every number with a unit that ``path`` types by hand and TYPED_ALLOWED does not explain."""
+    allowed = TYPED_ALLOWED.get(str(path.relative_to(ROOT)), {})
+    return [match.group(0) for match in TYPED_NUMBER.finditer(_prose(path.read_text()))
+            if match.group(0) not in allowed]
+
+
+# The notebook's markdown narrates its own committed outputs: each number it types with a unit must
+# be one of those outputs (rounded as typed, or as a percentage, or ms typed as s), or be here.
+NOTEBOOK_TYPED_ALLOWED = {"55 MiB": "derived: the growth per inner step of the printed 118, 176, 227 MiB"}
+_ANY_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e-?\d+)?")
+
+
+def notebook_numbers_not_in_outputs(path: pathlib.Path = NOTEBOOK) -> list[str]:
+    """Numbers with a unit in the notebook's markdown cells that none of its committed outputs holds."""
+    cells = _load(path)["cells"]
+    outputs = "\n".join("".join(output.get("text", output.get("data", {}).get("text/plain", [])))
+                        for cell in cells for output in cell.get("outputs", []))
+    printed = [float(match.group(0).replace(",", "")) for match in _ANY_NUMBER.finditer(outputs)]
+
+    def printed_as(typed: str) -> bool:
+        number = typed.rstrip(",")
+        value = float(number.replace(",", ""))
+        decimals = len(number.split(".")[1]) if "." in number and "e" not in number else 0
+        return any(round(p * scale, decimals) == value for p in printed for scale in (1, 100, 1e-3))
+
+    missing = []
+    for cell in cells:
+        if cell["cell_type"] != "markdown":
+            continue
+        for match in TYPED_NUMBER.finditer(_prose("".join(cell["source"]))):
+            typed = match.group(0)
+            number = _ANY_NUMBER.search(typed)
+            if typed not in NOTEBOOK_TYPED_ALLOWED and not (number and printed_as(number.group(0))):
+                missing.append(typed)
+    return missing
+
+
+def typed_allowed() -> str:
+    """The provenance page's list of the numbers typed by hand, with their reasons."""
+    lines = ["| page | typed | why it is not generated |", "|---|---|---|"]
+    for page, allowed in TYPED_ALLOWED.items():
+        for text, reason in allowed.items():
+            lines.append(f"| `{page}` | {text} | {reason} |")
+    return "\n".join(lines)
+
+
 GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table, "maml": maml_table,
-              "mixed_precision": mixed_precision_table, "meta_cost": meta_cost_table, "bfloat16_demo": bfloat16_demo}
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("**/*.md"))]
+              "mixed_precision": mixed_precision_table, "meta_cost": meta_cost_table, "bfloat16_demo": bfloat16_demo,
+              "input_pipeline": input_pipeline_table, "test_suite": test_suite_table,
+              "typed_allowed": typed_allowed}
+PAGES = [ROOT / "README.md", *sorted(path for path in (ROOT / "docs").glob("**/*.md") if "_build" not in path.parts)]
 
 
 def regenerate(text: str, path: pathlib.Path) -> tuple[str, list[str]]:
-    """``text`` with every region regenerated, and the names of the regions that changed."""
+    """``text`` with every region and inline value regenerated, and the names of those that changed."""
     changed = []
 
-    def replace(match: re.Match) -> str:
+    def replace_region(match: re.Match) -> str:
         name = match["name"]
         if name not in GENERATORS:
             raise KeyError(f"{path}: unknown generated region {name!r} (known: {', '.join(GENERATORS)})")
@@ -206,12 +613,25 @@ def regenerate(text: str, path: pathlib.Path) -> tuple[str, list[str]]:
             changed.append(name)
         return match.group(1) + body + match.group(4)
 
-    new = REGION.sub(replace, text)
+    def replace_value(match: re.Match) -> str:
+        name = match["name"]
+        if name not in VALUES:
+            raise KeyError(f"{path}: unknown inline value {name!r} (known: {', '.join(sorted(VALUES))})")
+        body = VALUES[name]()
+        if body != match["body"]:
+            changed.append(name)
+        return f"<!-- value: {name} -->{body}<!-- end value -->"
+
+    new = VALUE.sub(replace_value, REGION.sub(replace_region, text))
     markers = text.count("<!-- generated: ")
     if markers != len(REGION.findall(text)):  # a marker this script would silently pass over
         raise ValueError(f"{path}: {markers} '<!-- generated:' markers but {len(REGION.findall(text))} complete "
                          "regions (each needs '<!-- generated: NAME (python docs/tables.py) -->' and "
                          "'<!-- end generated: NAME -->')")
+    values = text.count("<!-- value: ")
+    if values != len(VALUE.findall(text)):
+        raise ValueError(f"{path}: {values} '<!-- value:' markers but {len(VALUE.findall(text))} complete values "
+                         "(each is '<!-- value: NAME -->TEXT<!-- end value -->' on one line)")
     return new, changed
 
 
