@@ -89,6 +89,47 @@ def test_bad_image_in_cub_is_named_with_its_cause(tmp_path):
     assert message.endswith(SKIP_HINT)
 
 
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_an_image_over_pils_pixel_limit_is_refused_in_words(monkeypatch):
+    from fgnet_jax.data.images import inspect_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.warns(Image.DecompressionBombWarning):  # PIL's own warning, then our error
+        with pytest.raises(data.CorruptImageError, match=r"PNG image of 12x12 pixels, more than PIL.Image.MAX_IMAGE_PIXELS"):
+            inspect_image(_png(12, 12), "big.png")
+    with pytest.raises(data.CorruptImageError, match=r"decompression bomb.*MAX_IMAGE_PIXELS sets the limit"):
+        inspect_image(_png(20, 20), "bigger.png")  # over twice the limit: PIL refuses it in open
+    assert inspect_image(_png(10, 10), "fits.png").width == 10
+
+
+def test_checking_images_on_threads_leaves_the_warning_filters_alone(tmp_path, monkeypatch):
+    """Indexing checks images on several threads: it must not touch the process-wide warning
+    filters (warnings.catch_warnings swaps them and is not thread-safe; overlapping swaps once
+    left an 'error' filter installed for good)."""
+    import warnings
+
+    calls = []
+    for name in ("catch_warnings", "simplefilter", "filterwarnings"):
+        original = getattr(warnings, name)
+        monkeypatch.setattr(warnings, name, lambda *a, _name=name, _original=original, **k: (
+            calls.append(_name), _original(*a, **k))[1])
+    for label in range(4):
+        folder = tmp_path / f"class_{label}"
+        folder.mkdir()
+        for index in range(16):
+            (folder / f"{index}.png").write_bytes(_png(8 + index, 8))
+    before = list(warnings.filters)
+    for _ in range(3):
+        data.load_image_folder(tmp_path, num_threads=4, cache_dir=None)
+    monkeypatch.undo()
+    assert calls == [] and warnings.filters == before, calls
+
+
 def test_corrupt_image_error_survives_pickling():
     import pickle
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import logging
 import re
-import warnings
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -86,24 +85,32 @@ def inspect_image(data: bytes, name: str, *, decode: bool = True) -> ImageInfo:
     """
     if not data:
         raise CorruptImageError(name, "empty file (0 bytes), not an image")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+    # The pixel limit is checked here, not by turning PIL's DecompressionBombWarning into an error:
+    # warnings.catch_warnings swaps the process-wide filters and is not thread-safe, and indexers
+    # call this from several threads.
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise CorruptImageError(
+            name, f"not an image ({len(data)} bytes in no image format PIL can identify)") from None
+    except Image.DecompressionBombError as error:
+        raise CorruptImageError(name, f"{_pil_detail(error)} (PIL.Image.MAX_IMAGE_PIXELS sets the limit)") from None
+    except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        raise CorruptImageError(name, f"unreadable image header ({_pil_detail(error)})") from error
+    width, height = image.size
+    fmt = image.format or "unknown"
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise CorruptImageError(name, f"{fmt} image of {width}x{height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS "
+                                      f"({limit}): refused as a possible decompression bomb (raise the limit if "
+                                      "you trust the file)")
+    if decode:
         try:
-            image = Image.open(io.BytesIO(data))
-        except Image.UnidentifiedImageError:
-            raise CorruptImageError(
-                name, f"not an image ({len(data)} bytes in no image format PIL can identify)") from None
-        except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
-            raise CorruptImageError(name, f"unreadable image header ({_pil_detail(error)})") from error
-        width, height = image.size
-        fmt = image.format or "unknown"
-        if decode:
-            try:
-                if fmt == "JPEG":
-                    image.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
-                image.load()
-            except Exception as error:
-                raise CorruptImageError(name, f"truncated or corrupt {fmt} image ({_pil_detail(error)})") from error
+            if fmt == "JPEG":
+                image.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
+            image.load()
+        except Exception as error:
+            raise CorruptImageError(name, f"truncated or corrupt {fmt} image ({_pil_detail(error)})") from error
     if width < 1 or height < 1:
         raise CorruptImageError(name, f"{fmt} image of {width}x{height} pixels: no pixels")
     modes = _TF_DECODABLE.get(fmt, set())
