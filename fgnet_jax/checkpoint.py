@@ -90,7 +90,30 @@ def _manager(directory: str, max_to_keep: int | None, best: bool) -> ocp.Checkpo
 
 
 class StageCheckpointer:
-    """Latest-N, best-by-validation and pinned checkpoints of one training stage."""
+    """Latest-N, best-by-validation and pinned checkpoints of one training stage.
+
+    Examples:
+      A round trip through a temporary directory:
+
+      >>> import tempfile
+      >>> import numpy as np
+      >>> from fgnet_jax.checkpoint import StageCheckpointer
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> checkpointer = StageCheckpointer(folder.name, keep=2)
+      >>> state = {"step": np.int32(10), "params": {"w": np.arange(3, dtype=np.float32)}}
+      >>> checkpointer.save(10, state, meta={"stage": "demo"})
+      >>> checkpointer.save_if_best(10, state, val_accuracy=0.5)
+      True
+      >>> checkpointer.save_if_best(20, state, val_accuracy=0.4)  # not better: not kept
+      False
+      >>> restored, meta = checkpointer.restore_latest(template=state)
+      >>> restored["params"]["w"].tolist(), meta
+      ([0.0, 1.0, 2.0], {'stage': 'demo'})
+      >>> checkpointer.latest_step(), checkpointer.best_step(), checkpointer.best_metrics()
+      (10, 10, {'val_accuracy': 0.5})
+      >>> checkpointer.close()
+      >>> folder.cleanup()
+    """
 
     def __init__(self, directory: str, keep: int = 3):
         if keep < 1:

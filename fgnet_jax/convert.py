@@ -148,7 +148,20 @@ def _strip_data_parallel(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def infer_depth(state_dict: Mapping[str, Any]) -> int:
-    """ResNet depth (18, 34 or 50) from a torchvision state dict's block structure."""
+    """ResNet depth (18, 34 or 50) from a torchvision state dict's block structure.
+
+    Examples:
+      Only the keys count:
+
+      >>> from fgnet_jax.convert import infer_depth
+      >>> basic = [f"layer{stage}.{block}.conv1.weight" for stage in range(1, 5) for block in range(2)]
+      >>> infer_depth(dict.fromkeys(basic))
+      18
+      >>> bottleneck = [f"layer{stage}.{block}.conv3.weight"
+      ...               for stage, blocks in zip(range(1, 5), (3, 4, 6, 3)) for block in range(blocks)]
+      >>> infer_depth(dict.fromkeys(bottleneck))
+      50
+    """
     keys = _strip_data_parallel(state_dict).keys()
     blocks: dict[int, set[int]] = {stage: set() for stage in range(1, 5)}
     for key in keys:
@@ -253,6 +266,44 @@ def torchvision_to_flax(
 
     Raises:
       ValueError: naming every unexpected key, missing key and shape mismatch.
+
+    Examples:
+      A torchvision-layout ResNet-10 state dict (one basic block per stage) of NumPy arrays,
+      with a 5-class ``fc``, saved from ``nn.DataParallel`` (its ``module.`` prefix):
+
+      >>> import numpy as np
+      >>> from fgnet_jax.convert import torchvision_to_flax
+      >>> def batch_norm(name, channels):
+      ...     return {f"{name}.{leaf}": np.ones(channels, np.float32)
+      ...             for leaf in ("weight", "bias", "running_mean", "running_var")}
+      >>> state_dict = {"conv1.weight": np.zeros((64, 3, 7, 7), np.float32)} | batch_norm("bn1", 64)
+      >>> for stage, (inputs, width) in enumerate([(64, 64), (64, 128), (128, 256), (256, 512)], start=1):
+      ...     block = f"layer{stage}.0"
+      ...     state_dict[f"{block}.conv1.weight"] = np.zeros((width, inputs, 3, 3), np.float32)
+      ...     state_dict[f"{block}.conv2.weight"] = np.zeros((width, width, 3, 3), np.float32)
+      ...     state_dict |= batch_norm(f"{block}.bn1", width) | batch_norm(f"{block}.bn2", width)
+      ...     if stage > 1:  # a projection shortcut where the shape changes
+      ...         state_dict[f"{block}.downsample.0.weight"] = np.zeros((width, inputs, 1, 1), np.float32)
+      ...         state_dict |= batch_norm(f"{block}.downsample.1", width)
+      >>> state_dict["fc.weight"], state_dict["fc.bias"] = np.zeros((5, 512), np.float32), np.zeros(5, np.float32)
+      >>> state_dict["conv1.weight"][5, 2, 0, 1] = 1.0  # output 5, input 2, row 0, column 1
+      >>> variables = torchvision_to_flax({f"module.{key}": value for key, value in state_dict.items()})
+      >>> kernel = variables["params"]["backbone"]["conv1"]["kernel"]  # OIHW -> HWIO
+      >>> kernel.shape, float(kernel[0, 1, 2, 5])
+      ((7, 7, 3, 64), 1.0)
+      >>> variables["params"]["auxiliary_head"]["kernel"].shape  # fc: (out, in) -> (in, out)
+      (512, 5)
+      >>> sorted(variables["batch_stats"]["backbone"]["layer2_0"])
+      ['bn1', 'bn2', 'downsample_bn']
+
+      A key that is missing (or unexpected, or of the wrong shape) is named:
+
+      >>> del state_dict["layer4.0.bn2.running_var"]
+      >>> torchvision_to_flax(state_dict)
+      Traceback (most recent call last):
+      ...
+      ValueError: checkpoint does not match the torchvision ResNet-10 layout:
+        state_dict: missing keys: layer4.0.bn2.running_var
     """
     if fc_head is not None and fc_head not in HEADS:
         raise ValueError(f"fc_head must be one of {HEADS} or None, got {fc_head!r}")

@@ -8,9 +8,8 @@ data-parallel code; ``use_cpu_convolutions(kind)`` picks the CPU convolution ker
 its thread pools (default: the core count, and at least ``n``). A pmap program's ``n``
 participants each occupy a pool thread while they wait in a collective; with exactly ``n``
 threads, any other task on the pool (a transfer, another program) starves the last
-participant and XLA aborts the process after its 40 s rendezvous timeout. Measured on this
-project's 2-core machines: 1 abort in 3 runs of the 4-device train-step test with the
-default pool, none in 5 with ``NPROC=8``.
+participant and XLA aborts the process after its rendezvous timeout. Seen on this project's
+2-core machines in the 4-device train-step test with the default pool, not with ``NPROC=8``.
 """
 
 from __future__ import annotations
@@ -24,7 +23,30 @@ _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
 def simulate_cpu_devices(count: int) -> None:
-    """Expose ``count`` CPU devices to JAX (call before ``import jax``)."""
+    """Expose ``count`` CPU devices to JAX (call before ``import jax``).
+
+    Examples:
+      In a fresh interpreter:
+
+      >>> import os
+      >>> import subprocess
+      >>> import sys
+      >>> program = ("from fgnet_jax.cpu_devices import simulate_cpu_devices; simulate_cpu_devices(2); "
+      ...            "import jax; print(len(jax.devices('cpu')))")
+      >>> child = subprocess.run([sys.executable, "-c", program], env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      ...                        capture_output=True, text=True, check=True)
+      >>> int(child.stdout)
+      2
+
+      Once JAX is imported it is too late (XLA has read its flags), and nothing is changed:
+
+      >>> import jax
+      >>> from fgnet_jax.cpu_devices import simulate_cpu_devices
+      >>> simulate_cpu_devices(2)
+      Traceback (most recent call last):
+      ...
+      RuntimeError: simulate_cpu_devices must be called before jax is imported
+    """
     if count < 1:
         raise ValueError(f"device count must be >= 1, got {count}")
     if "jax" in sys.modules:
@@ -49,7 +71,7 @@ def _xla_rejects(flag: str) -> str | None:
 
     XLA reads ``XLA_FLAGS`` once, when its CPU backend starts, and aborts the process on an
     unknown flag or value, so the check starts the backend with only ``flag`` set in a child
-    interpreter (about 1-2 s, mostly ``import jax``)."""
+    interpreter (mostly ``import jax``)."""
     env = dict(os.environ, XLA_FLAGS=flag, JAX_PLATFORMS="cpu")
     try:
         child = subprocess.run([sys.executable, "-c", _START_XLA_CPU], env=env, capture_output=True, text=True,
@@ -68,17 +90,24 @@ def use_cpu_convolutions(kind: str) -> bool:
     """Pick XLA:CPU's convolution kernels: ``"eigen"`` or ``"ynnpack"`` (call before ``import jax``).
 
     jaxlib 0.10 runs CPU convolutions through YNNPACK. On this project's 2-core x86 machines
-    XLA's Eigen convolutions are about 20 % faster for the ResNets here, in every pass (ResNet-18,
-    96 px, batch 32: one forward+backward 0.38 -> 0.30 s, first-order meta-gradient
-    0.68 -> 0.56 s, exact (hvp_jvp) 1.25 -> 0.99 s; ``benchmarks/NOTES.md``). ``"eigen"`` sets the
+    XLA's Eigen convolutions are faster for the ResNets here, in every pass (the docs' results
+    page, from ``benchmarks/results/cpu_r18_96px_b32_ynnpack_vs_eigen.log``). ``"eigen"`` sets the
     flag that does this (``--xla_cpu_experimental_ynn_fusion_type=-individual_convolution``)
     after checking that the installed XLA accepts it: XLA aborts a process whose ``XLA_FLAGS``
-    holds a flag or value it does not know, so the flag is first tried in a child interpreter
-    (1-2 s). Where XLA refuses it (a jaxlib that dropped or renamed it), nothing is set and a
+    holds a flag or value it does not know, so the flag is first tried in a child interpreter. Where XLA refuses it (a jaxlib that dropped or renamed it), nothing is set and a
     one-line ``RuntimeWarning`` quotes XLA's reason. ``"ynnpack"`` leaves jaxlib's default.
     Returns whether the flag was set: not where XLA refuses it, nor where ``XLA_FLAGS`` already
     chooses (the user's setting wins). GPU and TPU programs are unaffected. After ``import jax``
     the call is refused unless ``XLA_FLAGS`` already holds what it asks for.
+
+    Examples:
+      >>> from fgnet_jax.cpu_devices import CPU_CONVOLUTIONS, use_cpu_convolutions
+      >>> CPU_CONVOLUTIONS
+      ('eigen', 'ynnpack')
+      >>> use_cpu_convolutions("mkl")
+      Traceback (most recent call last):
+      ...
+      ValueError: unknown CPU convolution kernels 'mkl'; choose one of eigen, ynnpack
     """
     if kind not in CPU_CONVOLUTIONS:
         raise ValueError(f"unknown CPU convolution kernels {kind!r}; choose one of {', '.join(CPU_CONVOLUTIONS)}")

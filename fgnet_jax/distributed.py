@@ -51,6 +51,19 @@ def initialize(
     from the cluster environment: Slurm, Open MPI, Cloud TPU, Kubernetes/GKE ...), or
     ``"on"`` (all three of address, count and id must be given). Must run before any JAX
     computation. On CPU the cross-process collectives use Gloo.
+
+    Examples:
+      >>> from fgnet_jax.distributed import initialize
+      >>> initialize("off")  # one process: nothing to start
+      False
+      >>> initialize("on", coordinator_address="localhost:1234")
+      Traceback (most recent call last):
+      ...
+      fgnet_jax.distributed.DistributedError: multi-process run needs --coordinator_address=HOST:PORT, ...
+      >>> initialize("on", coordinator_address="localhost:1234", num_processes=2, process_id=2)
+      Traceback (most recent call last):
+      ...
+      fgnet_jax.distributed.DistributedError: --process_id=2: must be in [0, 2)
     """
     explicit = coordinator_address or num_processes is not None or process_id is not None
     if mode not in ("off", "auto", "on"):
@@ -107,7 +120,16 @@ def barrier(name: str) -> None:
 
 
 def allgather(value: np.ndarray) -> np.ndarray:
-    """``value`` of every process stacked on a new leading axis (process order)."""
+    """``value`` of every process stacked on a new leading axis (process order).
+
+    Examples:
+      In one process (the helpers are no-ops there, so the same code runs on one host or many):
+
+      >>> import numpy as np
+      >>> from fgnet_jax.distributed import allgather, is_chief
+      >>> allgather(np.arange(3)).tolist(), is_chief()
+      ([[0, 1, 2]], True)
+    """
     import jax
 
     value = np.asarray(value)

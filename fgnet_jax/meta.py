@@ -82,14 +82,13 @@ default on every backend and refuses ``unroll=True``.
 Without remat, ``unroll=None`` (the default) unrolls the loop where the program runs on a
 CPU and keeps it rolled on GPUs and TPUs, because XLA:CPU rewrites convolutions into the
 layout of its fast (Eigen) kernels only in a program's entry computation: inside a loop, a
-convolution's weight gradient runs on a naive code path (measured 17x slower for a two-step
-meta-gradient of a small CNN, ``benchmarks/NOTES.md``). The platform is the one the program
+convolution's weight gradient runs on a naive code path (many times slower: the guide's "Long
+inner loops", from ``benchmarks/results/cpu_platform_loop.json``). The platform is the one the program
 is lowered for (``lax.platform_dependent``), not the default backend at trace time, so a
 program exported or placed elsewhere gets its platform's loop; the price is that both loops
 are traced (only one is compiled). On the CPU, for K = 4 with the default method, tracing took
-0.17 s instead of 0.09 s (a small CNN) and 2.2 s instead of 1.1 s (a ResNet-10), while
-compilation, run time and memory were those of ``unroll=True`` (medians of 3 interleaved
-rounds, 2-core Xeon, ``benchmarks/results/cpu_platform_loop.json``). Pass ``unroll=False`` on
+about twice as long, while compilation, run time and memory were those of ``unroll=True``
+(``benchmarks/results/cpu_platform_loop.json``). Pass ``unroll=False`` on
 a CPU for flat compile time (models without convolutions lose nothing), or ``True``
 elsewhere; either traces the loop once.
 
@@ -173,7 +172,15 @@ LossFn = Callable[[PyTree, Any], Any]
 def is_differentiable(leaf: Any) -> bool:
     """Whether the inner loop updates (and the meta-gradient covers) this leaf: an array of
     floating or complex dtype. Python scalars, integer/boolean arrays, functions and other
-    objects pass through untouched."""
+    objects pass through untouched.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from fgnet_jax.meta import is_differentiable
+      >>> [is_differentiable(x) for x in (jnp.ones(2), np.float32(1.0), jnp.arange(2), 1.0, "relu")]
+      [True, True, False, False, False]
+    """
     return isinstance(leaf, (jax.Array, np.ndarray, np.generic)) and jnp.issubdtype(leaf.dtype, jnp.inexact)
 
 
@@ -230,6 +237,28 @@ def learned_sgd(rates: Any, *, per_step: bool = False) -> optax.GradientTransfor
 
     The update is computed in each gradient leaf's dtype, so a float64 rate does not promote
     float32 parameters.
+
+    Examples:
+      Per-parameter rates (Meta-SGD) and their meta-gradient. For one SGD step,
+      :math:`\theta_1 = \theta - \alpha \odot g`, it is :math:`-G \odot g`, with :math:`g` the
+      inner gradient and :math:`G` the outer one at :math:`\theta_1`:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.meta import learned_sgd, meta_value_and_grad
+      >>> def loss_fn(w, batch):  # a linear model's mean squared error
+      ...     x, y = batch
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> inner, outer = (x, jnp.array([1.0, 2.0, 0.0])), (x, jnp.array([0.0, 1.0, 3.0]))
+      >>> w = jnp.array([0.5, -0.5])
+      >>> rates = jnp.array([0.1, 0.2])
+      >>> result = meta_value_and_grad(loss_fn, w, inner, outer, inner_optimizer=learned_sgd(rates),
+      ...                              wrt=("params", "inner_opt_state"))
+      >>> g = jax.grad(loss_fn)(w, inner)
+      >>> G = jax.grad(loss_fn)(w - rates * g, outer)
+      >>> bool(jnp.allclose(result.hyper_grads.rates, -G * g, atol=1e-6))
+      True
     """
 
     state_type = PerStepSgdState if per_step else LearnedSgdState
@@ -483,7 +512,18 @@ def mean_gradients(grads: PyTree, axis_name: Any) -> PyTree:
     mean losses (identity for ``None``), correct under ``pmap``, ``vmap`` and ``shard_map``
     with ``check_vma`` on or off: with it on, JAX returns the gradient with respect to
     replicated parameters already summed over the axis, and this divides instead of averaging
-    again."""
+    again.
+
+    Examples:
+      Two devices' gradients, under ``jax.vmap`` with an axis name:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.meta import mean_gradients
+      >>> per_device = jnp.array([[1.0, 2.0], [3.0, 6.0]])
+      >>> jax.vmap(lambda g: mean_gradients(g, "devices"), axis_name="devices")(per_device).tolist()
+      [[2.0, 4.0], [2.0, 4.0]]
+    """
     return _DeviceAxis.bind(axis_name).mean_of_gradients(grads)
 
 
@@ -697,14 +737,12 @@ def adapt(
 
         ``"jvp"`` (default): the walk, :math:`H_k u` by forward-over-reverse (``jax.linearize``
           of the inner gradient, which also yields :math:`g_k`). The fastest exact form
-          measured: a ResNet-18 meta-gradient (96 px, batch 32) took 981 ms against 2,823 ms
-          by autodiff on a 2-core CPU (XLA:CPU), and the ResNet-34 one (224 px) 31.6 ms
-          against 39.4 ms on an NVIDIA H200. Without remat it stores about twice the
-          residuals per inner step of the other two (a small CNN, rolled loop, K = 32:
-          1,281 MiB against 617 MiB).
+          measured, on a 2-core CPU and on an NVIDIA H200 (the cost table of the docs'
+          results page). Without remat it stores about twice the residuals per inner step of
+          the other two (``benchmarks/results/cpu_inner_loop_cnn_rolled_memory.json``).
         ``"vjp"``: the walk, :math:`H_k u` by reverse-over-reverse (the supplementary's
           Eq. 5, ``jax.vjp`` of the inner gradient). Memory as autodiff's; time as
-          autodiff's on the CPU (2,842 ms above), where transposed convolutions are slow.
+          autodiff's on the CPU, where transposed convolutions are slow.
         ``"autodiff"``: no walk; ``jax.grad`` differentiates through the loop
           (reverse-over-reverse). Needed to differentiate with respect to ``inner_batch``
           or values that ``loss_fn`` or the optimiser close over, and for forward mode.
@@ -734,6 +772,35 @@ def adapt(
     "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; differentiating with
     respect to ``inner_batch`` or a value closed over by ``loss_fn`` or ``inner_optimizer``
     raises a one-line ValueError naming it.
+
+    Examples:
+      Three SGD steps inside an outer objective with a term at the adapted parameters and one
+      at ``params`` itself (MetaFGNet's form). ``jax.grad`` of it takes the backward walk (or,
+      with ``hessian="autodiff"``, differentiates the loop) and equals ``jax.grad`` through
+      the loop written out:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.meta import HESSIAN_FORMS, adapt
+      >>> def loss_fn(w, batch):  # a linear model's mean squared error
+      ...     x, y = batch
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> inner, outer = (x, jnp.array([1.0, 2.0, 0.0])), (x, jnp.array([0.0, 1.0, 3.0]))
+      >>> w = jnp.array([0.5, -0.5])
+      >>> def objective(w, hessian="jvp"):
+      ...     adapted = adapt(loss_fn, w, inner, inner_lr=0.1, inner_steps=3, hessian=hessian).params
+      ...     return loss_fn(adapted, outer) + 0.5 * loss_fn(w, outer)
+      >>> def by_hand(w):
+      ...     theta = w
+      ...     for _ in range(3):
+      ...         theta = theta - 0.1 * jax.grad(loss_fn)(theta, inner)
+      ...     return loss_fn(theta, outer) + 0.5 * loss_fn(w, outer)
+      >>> bool(jnp.allclose(objective(w), by_hand(w)))
+      True
+      >>> expected = jax.grad(by_hand)(w)
+      >>> [bool(jnp.allclose(jax.grad(objective)(w, form), expected, atol=1e-5)) for form in HESSIAN_FORMS]
+      [True, True, True]
     """
     if hessian not in HESSIAN_FORMS:
         raise ValueError(f"unknown hessian={hessian!r}; choose one of {', '.join(map(repr, HESSIAN_FORMS))}")
@@ -790,6 +857,21 @@ def hessian_vector_product(
     ignored); the result holds ``None`` at non-differentiable leaves. With ``axis_name`` the
     product is averaged over the devices' batches: :math:`\mathrm{mean}_d H_d u` (``vector``
     identical on every device).
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.meta import hessian_vector_product
+      >>> def loss_fn(w, batch):
+      ...     x, y = batch
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> batch = (jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), jnp.array([1.0, 2.0, 0.0]))
+      >>> w, u = jnp.array([0.5, -0.5]), jnp.array([1.0, -1.0])
+      >>> [round(float(v), 4) for v in hessian_vector_product(loss_fn, w, batch, u)]
+      [0.6667, -0.6667]
+      >>> H = jax.hessian(loss_fn)(w, batch)  # formed here only to check
+      >>> [bool(jnp.allclose(hessian_vector_product(loss_fn, w, batch, u, mode=m), H @ u)) for m in ("jvp", "vjp")]
+      [True, True]
     """
     if mode not in ("jvp", "vjp"):
         raise ValueError(f"mode={mode!r}: choose 'jvp' (forward-over-reverse) or 'vjp' (reverse-over-reverse)")
@@ -888,8 +970,8 @@ def meta_value_and_grad(
         :func:`learned_sgd`, hyperparameters of ``optax.inject_hyperparams``). The return
         structure does not depend on it: a gradient not asked for is ``None``. Asking for the
         rule's input costs a pass over the parameters per inner step (the rates' gradient
-        :math:`-\sum_k \bar\theta_{k+1} \odot g_k`): 1.095x the time of a ResNet-10
-        meta-gradient at 32 px, batch 8 (2-core CPU,
+        :math:`-\sum_k \bar\theta_{k+1} \odot g_k`): a few percent of a ResNet-10
+        meta-gradient's time (the guide's "Learned inner rates", from
         ``benchmarks/results/cpu_adapt_cost_r10_32px_b8.json``).
 
     Returns:
@@ -907,6 +989,44 @@ def meta_value_and_grad(
         ``per_step_batches``; rates that do not fit ``params``; per-step batches without the
         leading axis K; ``has_aux`` not matching what ``loss_fn`` returns, or a non-scalar
         loss; ``axis_name`` not bound.
+
+    Examples:
+      The three exact methods equal ``jax.grad`` through the inner step written out;
+      ``"first_order"`` returns :math:`G`, the outer gradient at the adapted parameters,
+      dropping the second-order term of the exact :math:`G - \eta H G` (the supplementary's
+      Eq. 1):
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.meta import METHODS, meta_value_and_grad
+      >>> def loss_fn(w, batch):  # a linear model's mean squared error
+      ...     x, y = batch
+      ...     return jnp.mean((x @ w - y) ** 2)
+      >>> x = jnp.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+      >>> inner, outer = (x, jnp.array([1.0, 2.0, 0.0])), (x, jnp.array([0.0, 1.0, 3.0]))
+      >>> w = jnp.array([0.5, -0.5])
+      >>> def by_hand(w):  # one SGD step at rate 0.1, then the outer loss
+      ...     return loss_fn(w - 0.1 * jax.grad(loss_fn)(w, inner), outer)
+      >>> exact = jax.grad(by_hand)(w)
+      >>> for method in METHODS:
+      ...     result = meta_value_and_grad(loss_fn, w, inner, outer, inner_lr=0.1, method=method)
+      ...     print(method, bool(jnp.allclose(result.grads, exact, atol=1e-6)))
+      exact True
+      hvp_vjp True
+      hvp_jvp True
+      first_order False
+      >>> G = meta_value_and_grad(loss_fn, w, inner, outer, inner_lr=0.1, method="first_order").grads
+      >>> H = jax.hessian(loss_fn)(w, inner)
+      >>> bool(jnp.allclose(exact, G - 0.1 * H @ G, atol=1e-6))
+      True
+
+      With ``wrt``, the gradient with respect to the rate as well, here
+      :math:`-\langle G, g \rangle` (:math:`g` the inner gradient):
+
+      >>> result = meta_value_and_grad(loss_fn, w, inner, outer, inner_lr=0.1, wrt=("params", "inner_lr"))
+      >>> g = jax.grad(loss_fn)(w, inner)
+      >>> round(float(result.loss), 4), bool(jnp.isclose(result.hyper_grads, -jnp.vdot(G, g), atol=1e-6))
+      (3.3007, True)
     """
     _check_method(method)
     _check_rule(inner_lr, inner_optimizer, inner_opt_state)

@@ -38,7 +38,17 @@ PyTree = Any
 
 
 def check_parallelism(kind: str) -> str:
-    """Return ``kind`` if it is one of :data:`PARALLELISM`, else raise a one-line ValueError."""
+    """Return ``kind`` if it is one of :data:`PARALLELISM`, else raise a one-line ValueError.
+
+    Examples:
+      >>> from fgnet_jax.parallel import check_parallelism
+      >>> check_parallelism("pmap")
+      'pmap'
+      >>> check_parallelism("mpi")
+      Traceback (most recent call last):
+      ...
+      ValueError: parallelism='mpi': choose one of shard_map, pmap (shard_map is the default; pmap is kept as an option)
+    """
     if kind not in PARALLELISM:
         raise ValueError(f"parallelism={kind!r}: choose one of {', '.join(PARALLELISM)} (shard_map is the default; "
                          "pmap is kept as an option)")
@@ -157,6 +167,35 @@ class DataParallel:
     ``axis_name`` is the name the per-device functions (and the model's synchronised
     BatchNorm) average over. ``devices`` defaults to every device of every process
     (``shard_map``) or to this process's devices (``pmap``).
+
+    Examples:
+      A per-device function (its shard's mean, then the mean over the axis) on a mesh of one
+      device; with N devices the same code splits each batch N ways:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> import numpy as np
+      >>> from fgnet_jax.parallel import DataParallel
+      >>> parallel = DataParallel("shard_map", devices=jax.devices()[:1])
+      >>> parallel
+      DataParallel('shard_map', axis_name='batch', devices=1)
+      >>> def scaled_mean(params, batch_stats, batch):
+      ...     return params["w"] * jax.lax.pmean(jnp.mean(batch["x"]), "batch")
+      >>> evaluate = parallel.reduce(scaled_mean)
+      >>> params = parallel.put_state({"w": np.float32(2.0)})
+      >>> local = {"x": np.arange(4.0, dtype=np.float32).reshape(1, 4)}  # [local devices, per device]
+      >>> batch = parallel.put_batch(local)  # one global array, sharded over the mesh
+      >>> batch["x"].shape
+      (4,)
+      >>> float(parallel.host_values(evaluate(params, {}, batch)))
+      3.0
+
+      Batches are checked before they reach the devices (``pmap`` takes ``[devices, per_device, ...]``):
+
+      >>> DataParallel("pmap", devices=jax.devices()[:1]).check_batch({"x": np.zeros((4, 3))})
+      Traceback (most recent call last):
+      ...
+      ValueError: pmap batch leaves need a leading axis of 1 local devices, got (4,): ...
     """
 
     def __init__(self, kind: str = "shard_map", axis_name: str = "batch", devices=None):

@@ -48,7 +48,20 @@ CRITERIA = ("ratio", "top_k", "threshold")
 
 
 def selection_scores(target_logits: jax.Array, auxiliary_logits: jax.Array) -> jax.Array:
-    """The authors' score per example (see the module docstring); shape ``(N,)``."""
+    """The authors' score per example (see the module docstring); shape ``(N,)``.
+
+    Examples:
+      Two auxiliary and two target classes. The first image's rectified response is
+      ``[2, 0, 0, 1]``, whose target part is ``1 / sqrt(5)`` of its norm; the second responds to
+      a target class only; the third to nothing:
+
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.selection import selection_scores
+      >>> auxiliary = jnp.array([[2.0, 0.0], [-1.0, 0.0], [-1.0, -1.0]])
+      >>> target = jnp.array([[0.0, 1.0], [-1.0, 3.0], [-2.0, -3.0]])
+      >>> [round(float(s), 4) for s in selection_scores(target, auxiliary)]
+      [0.4472, 1.0, 0.0]
+    """
     rectified = jax.nn.relu(jnp.concatenate([auxiliary_logits, target_logits], axis=-1).astype(jnp.float32))
     norm = jnp.linalg.norm(rectified, axis=-1, keepdims=True)
     normalised = rectified / jnp.where(norm > 0, norm, 1.0)
@@ -70,7 +83,20 @@ def parallel_score_step(model, parallel):
 
 
 def select_ids(ids: Sequence[str], scores: np.ndarray, criterion: str, value: float) -> list[str]:
-    """The ids kept by ``criterion`` (``ratio`` in (0, 1], ``top_k`` >= 1, ``threshold``), best first."""
+    """The ids kept by ``criterion`` (``ratio`` in (0, 1], ``top_k`` >= 1, ``threshold``), best first.
+
+    Examples:
+      Ties are broken by id (``a`` before ``c``):
+
+      >>> from fgnet_jax.selection import select_ids
+      >>> ids, scores = ["a", "b", "c", "d"], [0.5, 0.9, 0.5, 0.1]
+      >>> select_ids(ids, scores, "ratio", 0.5)
+      ['b', 'a']
+      >>> select_ids(ids, scores, "top_k", 3)
+      ['b', 'a', 'c']
+      >>> select_ids(ids, scores, "threshold", 0.2)
+      ['b', 'a', 'c']
+    """
     ids = [str(i) for i in ids]
     scores = np.asarray(scores, np.float64)
     if len(ids) != len(scores):
@@ -109,7 +135,21 @@ def params_fingerprint(*trees: Any) -> str:
 def selection_tag(params: Any, batch_stats: Any, *, criterion: str, value: float, auxiliary_ids: Sequence[str]) -> str:
     """The tag of a selection: a content hash of the scoring parameters and statistics, the
     criterion, its value and the auxiliary ids in order. A change to any of them is another
-    selection."""
+    selection.
+
+    Examples:
+      >>> import numpy as np
+      >>> from fgnet_jax.selection import selection_tag
+      >>> params, stats = {"w": np.ones(3, np.float32)}, {}
+      >>> tag = selection_tag(params, stats, criterion="ratio", value=0.5, auxiliary_ids=["a", "b"])
+      >>> len(tag), tag == selection_tag(params, stats, criterion="ratio", value=0.5, auxiliary_ids=["a", "b"])
+      (16, True)
+      >>> tag == selection_tag(params, stats, criterion="ratio", value=0.6, auxiliary_ids=["a", "b"])
+      False
+      >>> tag == selection_tag({"w": np.zeros(3, np.float32)}, stats, criterion="ratio", value=0.5,
+      ...                      auxiliary_ids=["a", "b"])
+      False
+    """
     digest = hashlib.sha256()
     digest.update(params_fingerprint(params, batch_stats).encode())
     digest.update(json.dumps({"criterion": criterion, "value": float(value)}, sort_keys=True).encode())

@@ -54,6 +54,23 @@ def write_selection(
     group's kept and total counts to the record (``kept_by_group``).
 
     An existing selection with the same tag is left as it is (same parameters, same scores).
+
+    Examples:
+      >>> import os
+      >>> import tempfile
+      >>> import numpy as np
+      >>> from fgnet_jax.selection_files import load_selection, write_selection
+      >>> workdir = tempfile.TemporaryDirectory()
+      >>> folder = write_selection(workdir.name, "0123abcd", ["a", "b", "c"], np.array([0.2, 0.9, 0.5]),
+      ...                          selected=["b", "c"], info={"criterion": "top_k", "value": 2})
+      >>> sorted(os.listdir(folder))
+      ['histogram.png', 'scores.csv', 'selected_ids.txt', 'selection.json']
+      >>> loaded = load_selection(workdir.name, "0123abcd")
+      >>> loaded["selected"], loaded["scores"].tolist(), loaded["info"]["num_selected"]
+      (['b', 'c'], [0.2, 0.9, 0.5], 2)
+      >>> load_selection(workdir.name, "another_tag") is None
+      True
+      >>> workdir.cleanup()
     """
     final = _selection_dir(workdir, tag)
     if os.path.isdir(final):

@@ -76,8 +76,7 @@ def index_image_folder(
 
     Args:
       root: the dataset folder.
-      verify: "decode" decodes every image (catches truncation; about 1 ms per web JPEG per
-        core, JPEGs at 1/8 scale), "header" reads only headers, "none" trusts the files (a bad
+      verify: "decode" decodes every image (catches truncation; JPEGs at 1/8 scale), "header" reads only headers, "none" trusts the files (a bad
         file then stops training with TensorFlow's decode error).
       on_corrupt: "error" raises CorruptImageError naming the first bad file; "skip" leaves bad
         files out, logs them and lists them in ``skipped``.
@@ -134,7 +133,24 @@ def load_image_folder(
     cache_dir: str | os.PathLike | None = None,
     num_threads: int | None = None,
 ) -> ImageSource:
-    """The whole folder as an :class:`ImageSource` (see :func:`index_image_folder`)."""
+    """The whole folder as an :class:`ImageSource` (see :func:`index_image_folder`).
+
+    Examples:
+      A generated folder of 3 classes of 4 images, and a validation image per class held out:
+
+      >>> import tempfile
+      >>> from fgnet_jax.data import load_image_folder, split_validation, write_synthetic_image_folder
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> root = write_synthetic_image_folder(f"{folder.name}/birds", num_classes=3, images_per_class=4,
+      ...                                     image_size=32)
+      >>> source = load_image_folder(root)
+      >>> len(source), source.class_names, source.ids[0]
+      (12, ('class_0000', 'class_0001', 'class_0002'), 'class_0000/class_0000_00000.jpg')
+      >>> train, validation = split_validation(source, per_class=1)
+      >>> len(train), len(validation), validation.class_counts().tolist()
+      (9, 3, [1, 1, 1])
+      >>> folder.cleanup()
+    """
     root = Path(root)
     index = index_image_folder(root, verify=verify, on_corrupt=on_corrupt, cache_dir=cache_dir, num_threads=num_threads)
     reader = FileReader(index.ids, root=root)

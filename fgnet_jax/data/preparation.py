@@ -115,7 +115,7 @@ def source_change(dataset_dir: Path, manual: Path) -> str | None:
     None as well when nothing can be compared: a dataset prepared without a record (by an
     earlier version, or by ``tfds build``) or whose manual files are all gone (deleted after
     preparing: the prepared copy is then used as it is). Costs a stat per recorded file (CUB
-    from its folder: 11,788 images) and hashing the index files (CUB: about 2 MB); the images
+    from its folder: 11,788 images) and hashing the index files; the images
     themselves are not read.
     """
     try:

@@ -33,6 +33,19 @@ def stratified_holdout(
     """Returns (train positions, validation positions), each sorted ascending.
 
     Exactly one of ``per_class`` / ``fraction`` must be given (see the module docstring).
+
+    Examples:
+      The positions depend only on the seed and the ids, and every class keeps one training
+      example:
+
+      >>> from fgnet_jax.data import stratified_holdout
+      >>> labels = [0, 0, 0, 1, 1]
+      >>> ids = ["a/1.jpg", "a/2.jpg", "a/3.jpg", "b/1.jpg", "b/2.jpg"]
+      >>> train, validation = stratified_holdout(labels, ids, per_class=1)
+      >>> train.tolist(), validation.tolist()
+      ([1, 2, 3], [0, 4])
+      >>> stratified_holdout(labels, ids, per_class=5)[1].size  # at most n_c - 1 per class
+      3
     """
     if (per_class is None) == (fraction is None):
         raise ValueError("give exactly one of validation per_class or fraction")

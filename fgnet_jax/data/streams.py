@@ -73,7 +73,22 @@ def example_seeds(seed: int, stream: str, epochs: np.ndarray, records: np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class BatchLayout:
-    """How one global batch is split over processes and local devices."""
+    """How one global batch is split over processes and local devices.
+
+    Examples:
+      Two processes with two devices each, two examples per device: a global batch of 8, of
+      which each process reads its own contiguous half:
+
+      >>> from fgnet_jax.data import BatchLayout, num_eval_batches
+      >>> layouts = [BatchLayout(per_device_batch=2, local_devices=2, process_index=rank, process_count=2)
+      ...            for rank in range(2)]
+      >>> layouts[0].local_batch, layouts[0].global_batch
+      (4, 8)
+      >>> [layout.local_positions(1).tolist() for layout in layouts]  # global batch 1
+      [[8, 9, 10, 11], [12, 13, 14, 15]]
+      >>> num_eval_batches(20, layouts[0])  # 20 examples: 3 global batches, the last padded
+      3
+    """
 
     per_device_batch: int
     local_devices: int
@@ -419,6 +434,22 @@ def eval_stream(
     the last global batch is padded with copies of example 0 whose ``mask`` is False. Each
     process reads its slice of every global batch, so across processes each example appears once
     with mask True. All processes yield the same number of batches (needed by collectives).
+
+    Examples:
+      A generated folder of 10 images in batches of 4 on one device:
+
+      >>> import tempfile
+      >>> from fgnet_jax.data import eval_stream, load_image_folder, write_synthetic_image_folder
+      >>> folder = tempfile.TemporaryDirectory()
+      >>> source = load_image_folder(write_synthetic_image_folder(folder.name, num_classes=2, images_per_class=5,
+      ...                                                         image_size=32))
+      >>> batches = list(eval_stream(source, per_device_batch=4, image_size=32, local_devices=1,
+      ...                            process_index=0, process_count=1))
+      >>> len(batches), batches[0]["image"].shape, batches[0]["image"].dtype, batches[0]["label"].tolist()
+      (3, (1, 4, 32, 32, 3), dtype('float32'), [[0, 0, 0, 0]])
+      >>> [int(batch["mask"].sum()) for batch in batches]  # the last batch padded
+      [4, 4, 2]
+      >>> folder.cleanup()
     """
     layout = default_layout(per_device_batch, local_devices, process_index, process_count)
     num_examples = len(source)

@@ -59,6 +59,29 @@ class MetaFGNet(nn.Module):
 
     Every method takes ``(x, train)``; with ``train=True`` BatchNorm uses batch statistics
     and ``apply`` needs ``mutable=["batch_stats"]``.
+
+    Examples:
+      A ResNet-10 MetaFGNet, 5 target and 7 auxiliary classes, on two 32-pixel images:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.models import MetaFGNet, init_variables
+      >>> model = MetaFGNet(backbone_depth=10, num_target_classes=5, num_auxiliary_classes=7)
+      >>> variables = init_variables(model, jax.random.key(0), image_size=32)
+      >>> sorted(variables["params"]), variables["params"]["target_head"]["kernel"].shape
+      (['auxiliary_head', 'backbone', 'target_head'], (512, 5))
+      >>> images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+      >>> target, auxiliary = model.apply(variables, images)
+      >>> target.shape, auxiliary.shape, target.dtype
+      ((2, 5), (2, 7), dtype('float32'))
+
+      The target head's logits need only :math:`\\theta^t`, the backbone and the target head:
+
+      >>> theta_t = {key: variables["params"][key] for key in ("backbone", "target_head")}
+      >>> logits = model.apply({"params": theta_t, "batch_stats": variables["batch_stats"]}, images,
+      ...                      method=MetaFGNet.target_logits)
+      >>> bool(jnp.allclose(logits, target, atol=1e-5))
+      True
     """
 
     backbone_depth: int
@@ -133,6 +156,16 @@ def fresh_target_head(params: Mapping[str, Any], rng: jax.Array, num_classes: in
     width as input; ``num_classes`` defaults to the current head's. When it changes, apply
     the result with a model built with ``num_target_classes=num_classes``. Other entries are
     shared, not copied (pytrees are immutable values in JAX).
+
+    Examples:
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.models import fresh_target_head
+      >>> params = {"backbone": {"w": jnp.ones(3)},
+      ...           "target_head": {"kernel": jnp.zeros((512, 5)), "bias": jnp.zeros(5)}}
+      >>> new = fresh_target_head(params, jax.random.key(0), num_classes=200)
+      >>> new["target_head"]["kernel"].shape, new["backbone"] is params["backbone"]
+      ((512, 200), True)
     """
     kernel = params["target_head"]["kernel"]
     in_features, current_classes = kernel.shape

@@ -91,7 +91,13 @@ def _check_depth(depth: int) -> None:
 
 
 def feature_dim(depth: int) -> int:
-    """Width of the pooled feature: 512 for ResNet-18/34, 2048 for ResNet-50."""
+    """Width of the pooled feature: 512 for ResNet-18/34, 2048 for ResNet-50.
+
+    Examples:
+      >>> from fgnet_jax.models import feature_dim
+      >>> [feature_dim(depth) for depth in (10, 18, 34, 50)]
+      [512, 512, 512, 2048]
+    """
     _check_depth(depth)
     return _STAGE_WIDTHS[-1] * _block_for_depth(depth).expansion
 
@@ -245,9 +251,9 @@ class ResNet(nn.Module):
       depth: 18, 34 or 50 (torchvision's), or 10 (one basic block per stage; for tests).
       axis_name: ``None``, or the data-parallel axis name for synchronised BatchNorm.
       remat: wrap every residual block in ``nn.remat``: its activations are recomputed in
-        the backward pass instead of stored. On an H200 (ResNet-34, 224 px) this halves the
-        scratch memory of a forward+backward and cuts the exact MetaFGNet step's by a third,
-        for 20-25 % more time (``python -m benchmarks.meta_step --remat off on``); XLA:CPU
+        the backward pass instead of stored. On an H200 (ResNet-34, 224 px) this cuts the scratch
+        memory of a forward+backward and of the exact MetaFGNet step for some more time (the
+        docs' cost table: ``python -m benchmarks.meta_step --remat off on``); XLA:CPU
         merges the recomputation back into the forward pass, so there it saves nothing.
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32 and BatchNorm
         statistics are reduced in float32.
@@ -256,6 +262,21 @@ class ResNet(nn.Module):
 
     ``__call__(x, train)``: ``train=True`` uses batch statistics and needs
     ``mutable=["batch_stats"]``; ``train=False`` uses the running statistics.
+
+    Examples:
+      ResNet-18 has the parameters of torchvision's ``resnet18`` without its classifier
+      (11,689,512 - 513,000); ``jax.eval_shape`` computes shapes without building arrays:
+
+      >>> import jax
+      >>> import jax.numpy as jnp
+      >>> from fgnet_jax.models import ResNet
+      >>> model = ResNet(depth=18)
+      >>> images = jnp.zeros((4, 96, 96, 3))
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), images)
+      >>> sum(leaf.size for leaf in jax.tree_util.tree_leaves(variables["params"]))
+      11176512
+      >>> jax.eval_shape(model.apply, variables, images).shape
+      (4, 512)
     """
 
     depth: int = 34
@@ -305,7 +326,15 @@ ResNet50 = functools.partial(ResNet, depth=50)
 
 
 def block_names(depth: int) -> Sequence[str]:
-    """Names of the residual blocks in order (``layer1_0`` ... ``layer4_{n-1}``)."""
+    """Names of the residual blocks in order (``layer1_0`` ... ``layer4_{n-1}``).
+
+    Examples:
+      >>> from fgnet_jax.models import block_names
+      >>> block_names(10)
+      ['layer1_0', 'layer2_0', 'layer3_0', 'layer4_0']
+      >>> len(block_names(34))
+      16
+    """
     _check_depth(depth)
     return [
         f"layer{stage + 1}_{index}"
