@@ -193,6 +193,35 @@ def bfloat16_demo() -> str:
             f"`{f32['parallelism']}` step; `experiments/results/mixed_precision_demo/`).")
 
 
+AUTHORS_CHOICES = ROOT / "experiments" / "results" / "authors_choices" / "results.json"
+AUTHORS_CHOICES_LABELS = {"authors": "the authors' choices (the demo as it is)",
+                          "same_head": "stage 4 keeps stage 2's target head",
+                          "outer_statistics": "BatchNorm statistics from the meta pass only"}
+
+
+def authors_choices_table() -> str:
+    """Per variant: test top-1 mean +- std over seeds, per-seed values, and what selection kept."""
+    record = _load(AUTHORS_CHOICES)
+    lines = ["| variant | flag | test top-1 (mean +- std) | per seed | kept related / unrelated, per seed |",
+             "|---|---|---:|---|---|"]
+    for variant, label in AUTHORS_CHOICES_LABELS.items():
+        runs = sorted((run for run in record["runs"] if run["variant"] == variant), key=lambda run: run["seed"])
+        if not runs:
+            continue
+        mean, std = _mean_std([run["test_accuracy"] for run in runs])
+        flag = " ".join(f"`{flag}`" for flag in runs[0]["flags"]) or "-"
+        kept = "; ".join(f"{run['selected_by_group']['related']['kept']} / {run['selected_by_group']['unrelated']['kept']}"
+                         for run in runs)
+        lines.append(f"| {label} | {flag} | {100 * mean:.1f} +- {100 * std:.1f}% | "
+                     + " / ".join(f"{100 * run['test_accuracy']:.1f}" for run in runs) + f" | {kept} |")
+    seeds = sorted({run["seed"] for run in record["runs"]})
+    lines.append("")
+    lines.append(f"(seeds {', '.join(map(str, seeds))}; {record['runs'][0]['hardware']}, "
+                 f"`{record['runs'][0]['parallelism']}` step, {record['date']}; `{record['command']}`; "
+                 f"`{AUTHORS_CHOICES.relative_to(ROOT)}`)")
+    return "\n".join(lines)
+
+
 TEST_SUITE = RESULTS / "cpu_test_suite.json"
 # The records the docs publish as the suite's current time (python -m benchmarks.test_suite run --name NAME).
 TEST_SUITE_CURRENT = ("full_xeon_f", "fast_xeon_c")
@@ -584,10 +613,54 @@ def notebook_numbers_not_in_outputs(path: pathlib.Path = NOTEBOOK) -> list[str]:
     return missing
 
 
+# The API reference publishes the public modules' docstrings (docs/api/): they carry the math
+# and point to the results pages for measurements. module -> {typed text: why}.
+DOCSTRING_TYPED_ALLOWED = {
+    "fgnet_jax/data/synthetic.py": {"8%": "a setting: the smallest area of a random resized crop",
+                                    "0.618034 s": "a formula: the style s's hue, not seconds",
+                                    "0.381966 s": "a formula: the style s's angle, not seconds",
+                                    "1.4x": "a setting: the synthetic images' largest aspect ratio"},
+    "fgnet_jax/data/cub.py": {"1.1 GB": "the size of the official CUB-200-2011 archive"},
+}
+
+
+def _published_docstrings(path: pathlib.Path) -> list[str]:
+    """The docstrings autodoc shows for ``path``: the module's, and its public top-level
+    functions' and classes' (with their public methods)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = [ast.get_docstring(tree) or ""]
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            docstrings.append(ast.get_docstring(node) or "")
+            if isinstance(node, ast.ClassDef):
+                docstrings += [ast.get_docstring(item) or "" for item in node.body
+                               if isinstance(item, ast.FunctionDef) and not item.name.startswith("_")]
+    return docstrings
+
+
+def docstring_typed_numbers() -> dict[str, list[str]]:
+    """Numbers with a unit typed in the public docstrings of fgnet_jax that DOCSTRING_TYPED_ALLOWED
+    does not explain, per module file."""
+    found = {}
+    for path in sorted((ROOT / "fgnet_jax").rglob("*.py")):
+        name = str(path.relative_to(ROOT))
+        if path.name.startswith("_") and path.name != "__init__.py" or "examples" in path.parts:
+            continue  # private modules and the examples are not on the API pages
+        allowed = DOCSTRING_TYPED_ALLOWED.get(name, {})
+        typed = [match.group(0) for doc in _published_docstrings(path)
+                 for match in TYPED_NUMBER.finditer(re.sub(r"``[^`]*``", "", doc)) if match.group(0) not in allowed]
+        if typed:
+            found[name] = typed
+    return found
+
+
 def typed_allowed() -> str:
     """The provenance page's list of the numbers typed by hand, with their reasons."""
     lines = ["| page | typed | why it is not generated |", "|---|---|---|"]
-    for page, allowed in TYPED_ALLOWED.items():
+    for page, allowed in {**TYPED_ALLOWED, **{f"{module} (docstrings)": texts
+                                              for module, texts in DOCSTRING_TYPED_ALLOWED.items()}}.items():
         for text, reason in allowed.items():
             lines.append(f"| `{page}` | {text} | {reason} |")
     return "\n".join(lines)
@@ -595,7 +668,7 @@ def typed_allowed() -> str:
 
 GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table, "maml": maml_table,
               "mixed_precision": mixed_precision_table, "meta_cost": meta_cost_table, "bfloat16_demo": bfloat16_demo,
-              "input_pipeline": input_pipeline_table, "test_suite": test_suite_table,
+              "input_pipeline": input_pipeline_table, "test_suite": test_suite_table, "authors_choices": authors_choices_table,
               "typed_allowed": typed_allowed}
 PAGES = [ROOT / "README.md", *sorted(path for path in (ROOT / "docs").glob("**/*.md") if "_build" not in path.parts)]
 
