@@ -35,6 +35,24 @@ REGION = re.compile(r"(<!-- generated: (?P<name>[a-z0-9_]+) \(python docs/tables
                     r"(<!-- end generated: (?P=name) -->)", re.S)
 
 
+# Results files that do not record their own date: the date of the last commit that changed
+# each (``git log -1 --format=%ad --date=short -- FILE``), checked by tests/test_published_tables.py.
+COMMITTED = {
+    "fgnet_jax/examples/results/maml_sinusoid/results.json": "2026-11-28",
+    "benchmarks/results/cpu_mixed_precision_random_r10_32.json": "2026-11-29",
+    "benchmarks/results/cpu_mixed_precision_trained_demo.json": "2026-11-29",
+    "benchmarks/results/h200_r34_meta_224px_b32.json": "2026-11-27",
+    "benchmarks/results/h200_r34_step_224px_b32.json": "2026-11-27",
+    "benchmarks/results/cpu_r18_96px_b32_eigen.json": "2026-11-27",
+}
+
+
+def _committed(*paths: pathlib.Path) -> str:
+    """``results committed DATE`` (or a range of dates) for files that do not record their own date."""
+    dates = sorted({COMMITTED[str(path.relative_to(ROOT))] for path in paths})
+    return "results committed " + (dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}")
+
+
 def _load(path: pathlib.Path) -> dict:
     return json.loads(path.read_text())
 
@@ -98,7 +116,9 @@ def maml_table() -> str:
     sys.path.insert(0, str(ROOT))
     from fgnet_jax.examples.maml_sinusoid import markdown_table
 
-    return markdown_table(_load(MAML)).rstrip("\n")
+    return (markdown_table(_load(MAML)).rstrip("\n") + f" This project's 2-core CPU, {_committed(MAML)}; "
+            f"`python -m fgnet_jax.examples.maml_sinusoid --outdir {MAML.parent.relative_to(ROOT)}`; "
+            f"`{MAML.relative_to(ROOT)}`.")
 
 
 MIXED_PRECISION = {  # row label -> results file of python -m benchmarks.mixed_precision
@@ -127,7 +147,8 @@ def mixed_precision_table() -> str:
     argv = first["argv"]
     lines.append("")
     lines.append(f"(`{first['device']}`, JAX {first['jax']}, ResNet-{argv['depth']}, {argv['image_size']} px, "
-                 f"batch {argv['batch']}; files: " + ", ".join(f"`{p.relative_to(ROOT)}`" for p in MIXED_PRECISION.values())
+                 f"batch {argv['batch']}; {_committed(*MIXED_PRECISION.values())}; `python -m benchmarks.mixed_precision`; "
+                 "files: " + ", ".join(f"`{p.relative_to(ROOT)}`" for p in MIXED_PRECISION.values())
                  + ")")
     return "\n".join(lines)
 
@@ -170,7 +191,9 @@ def meta_cost_table() -> str:
             lines.append(f"| {name} | {_time(first['seconds'], unit)} | {_time(jvp['seconds'], unit)} "
                          f"({jvp['time_vs_first_order']:.2f}x), memory {jvp['memory_vs_first_order']:.2f}x | | |")
     lines.append("")
-    lines.append("(Ratios against first-order without remat, from the same run; files: "
+    files = sorted({f for _, m, st, _ in META_COST for f in (m, st)})
+    lines.append(f"(Ratios against first-order without remat, from the same run; {_committed(*files)}; "
+                 "`python -m benchmarks.meta_step` (the commands are in `benchmarks/NOTES.md`); files: "
                  + ", ".join(sorted({f"`{f.relative_to(ROOT)}`" for _, m, st, _ in META_COST for f in (m, st)})) + ")")
     return "\n".join(lines)
 
@@ -224,7 +247,7 @@ def authors_choices_table() -> str:
 
 TEST_SUITE = RESULTS / "cpu_test_suite.json"
 # The records the docs publish as the suite's current time (python -m benchmarks.test_suite run --name NAME).
-TEST_SUITE_CURRENT = ("full_xeon_f", "fast_xeon_c")
+TEST_SUITE_CURRENT = ("full_xeon_g", "fast_xeon_g")
 
 
 def test_suite_table() -> str:

@@ -102,3 +102,23 @@ def test_no_public_docstring_types_a_measurement():
     for module, allowed in tables.DOCSTRING_TYPED_ALLOWED.items():  # no stale exemption
         docstrings = "\n".join(tables._published_docstrings(ROOT / module))
         assert all(text in docstrings for text in allowed), (module, [t for t in allowed if t not in docstrings])
+
+
+def test_the_commit_dates_of_undated_results_files_are_right():
+    """A results file without a date of its own is published with the date of its last commit;
+    a re-measured file (a new commit) must update docs/tables.py's COMMITTED."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the repository's git history (a git checkout with git installed)")
+    shallow = subprocess.run(["git", "rev-parse", "--is-shallow-repository"], cwd=ROOT, capture_output=True, text=True)
+    if shallow.stdout.strip() != "false":
+        pytest.skip("needs the whole git history (this checkout is shallow, or git cannot read it)")
+    tables = load_tables()
+    for path, date in tables.COMMITTED.items():
+        logged = subprocess.run(["git", "log", "-1", "--format=%ad", "--date=short", "--", path], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        assert logged == date, (path, logged, date)
