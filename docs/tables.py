@@ -38,7 +38,8 @@ REGION = re.compile(r"(<!-- generated: (?P<name>[a-z0-9_]+) \(python docs/tables
 # Results files that do not record their own date: the date of the last commit that changed
 # each (``git log -1 --format=%ad --date=short -- FILE``), checked by tests/test_published_tables.py.
 COMMITTED = {
-    "fgnet_jax/examples/results/maml_sinusoid/results.json": "2026-11-28",
+    "fgnet_jax/examples/results/maml_sinusoid/results.json": "2026-12-04",
+    "notebooks/exact_vs_first_order.ipynb": "2026-12-03",
     "benchmarks/results/cpu_mixed_precision_random_r10_32.json": "2026-11-29",
     "benchmarks/results/cpu_mixed_precision_trained_demo.json": "2026-11-29",
     "benchmarks/results/h200_r34_meta_224px_b32.json": "2026-11-27",
@@ -310,6 +311,47 @@ def notebook_digits_means() -> str:
     return ", ".join(f"{label} {means[label]}%" for label in NOTEBOOK_ARM_NAMES.values())
 
 
+def notebook_digits_table() -> str:
+    """The digits study's arms and paired differences, from the notebook's committed outputs."""
+    text = _notebook_output("arms x")
+    header, rows, differences = text.splitlines()[0], [], []
+    for line in text.splitlines():
+        match = re.match(r"(?P<arm>\S.*?) {2,}(?P<mean>[\d.]+) \+- +(?P<std>[\d.]+) % +(?P<min>[\d.]+) +(?P<max>[\d.]+)"
+                         r" +(?P<loss>[\d.]+)$", line)
+        if match:
+            rows.append(f"| {match['arm']} | {match['mean']} +- {match['std']}% | {match['min']}% | {match['max']}% | "
+                        f"{match['loss']} |")
+        elif line.startswith("  ") and "points" in line:
+            differences.append(f"- {line.strip()}")
+    setup = _notebook_output("full setting").splitlines()[0].split(";")[0]
+    return "\n".join([
+        "| arm | test accuracy (mean +- std over seeds) | min | max | final training loss |", "|---|---:|---:|---:|---:|",
+        *rows, "", "Paired differences in test accuracy (same seed = same task, initialisation and batches):", "",
+        *differences, "",
+        f"({header.rstrip(':')}; {setup}; {_committed(NOTEBOOK)}; the notebook's committed outputs, "
+        f"`{NOTEBOOK.relative_to(ROOT)}`; rerun: `jupyter-execute --inplace {NOTEBOOK.relative_to(ROOT)}` with the "
+        "`notebook` extra)"])
+
+
+def _maml_compare(steps: str) -> str:
+    """Exact against first-order MAML's held-out MSE after ``steps`` steps, and whether their
+    mean +- std intervals overlap."""
+    methods = _load(MAML)["methods"]
+    exact, first = (methods[name]["summary"][steps] for name in ("exact", "first_order"))
+    overlap = (exact["mean"] + exact["std"] >= first["mean"] - first["std"]
+               and first["mean"] + first["std"] >= exact["mean"] - exact["std"])
+    return (f"{exact['mean']:.2f} +- {exact['std']:.2f} against {first['mean']:.2f} +- {first['std']:.2f}; "
+            f"the seeds' mean +- std intervals {'overlap' if overlap else 'do not overlap'}")
+
+
+def maml_one_step() -> str:
+    return _maml_compare("1")
+
+
+def maml_ten_steps() -> str:
+    return _maml_compare("10")
+
+
 def _arm_means(path: pathlib.Path) -> list[str]:
     accuracy = _load(path)["accuracy"]
     return [f"{100 * statistics.mean(accuracy[arm]):.1f}" for arm in NOTEBOOK_ARM_NAMES]
@@ -558,7 +600,7 @@ VALUES = {name: function for name, function in globals().items() if callable(fun
     "notebook_digits_shared_step_change", "h200_final_step", "input_pipeline_summary", "input_pipeline_authors_step",
     "demo_first_run", "demo_rerun", "demo_workdir_size", "demo_selection_kept", "demo_val_mean", "demo_test_mean", "study_range",
     "study_spreads", "study_exact_vs_first_order", "study_selection_gain", "study_cost", "mixed_precision_random",
-    "mixed_precision_trained", "autodiff_vs_jvp", "learned_rate_cost", "rolled_loop_slowdown", "eigen_vs_ynnpack"}}
+    "mixed_precision_trained", "autodiff_vs_jvp", "maml_one_step", "maml_ten_steps", "learned_rate_cost", "rolled_loop_slowdown", "eigen_vs_ynnpack"}}
 
 
 # --- Typed numbers: what a page may still type by hand, and why. ---
@@ -692,6 +734,7 @@ def typed_allowed() -> str:
 GENERATORS = {"demo_seeds": demo_seeds, "demo_spread": demo_spread, "study": study_table, "maml": maml_table,
               "mixed_precision": mixed_precision_table, "meta_cost": meta_cost_table, "bfloat16_demo": bfloat16_demo,
               "input_pipeline": input_pipeline_table, "test_suite": test_suite_table, "authors_choices": authors_choices_table,
+              "notebook_digits": notebook_digits_table,
               "typed_allowed": typed_allowed}
 PAGES = [ROOT / "README.md", *sorted(path for path in (ROOT / "docs").glob("**/*.md") if "_build" not in path.parts)]
 
