@@ -595,12 +595,13 @@ def eigen_vs_ynnpack() -> str:
             f"(`{EIGEN_VS_YNNPACK.relative_to(ROOT)}`)")
 
 
-VALUES = {name: function for name, function in globals().items() if callable(function) and name in {
-    "notebook_exact_forms_agree", "notebook_digits_means", "notebook_digits_rerun",
-    "notebook_digits_shared_step_change", "h200_final_step", "input_pipeline_summary", "input_pipeline_authors_step",
-    "demo_first_run", "demo_rerun", "demo_workdir_size", "demo_selection_kept", "demo_val_mean", "demo_test_mean", "study_range",
-    "study_spreads", "study_exact_vs_first_order", "study_selection_gain", "study_cost", "mixed_precision_random",
-    "mixed_precision_trained", "autodiff_vs_jvp", "maml_one_step", "maml_ten_steps", "learned_rate_cost", "rolled_loop_slowdown", "eigen_vs_ynnpack"}}
+VALUES = {function.__name__: function for function in (
+    notebook_exact_forms_agree, notebook_digits_means, notebook_digits_rerun, notebook_digits_shared_step_change,
+    h200_final_step, input_pipeline_summary, input_pipeline_authors_step, demo_first_run, demo_rerun,
+    demo_workdir_size, demo_selection_kept, demo_val_mean, demo_test_mean, study_range, study_spreads,
+    study_exact_vs_first_order, study_selection_gain, study_cost, mixed_precision_random, mixed_precision_trained,
+    autodiff_vs_jvp, maml_one_step, maml_ten_steps, learned_rate_cost, rolled_loop_slowdown, eigen_vs_ynnpack,
+)}
 
 
 # --- Typed numbers: what a page may still type by hand, and why. ---
